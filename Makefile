@@ -1,0 +1,37 @@
+# make run   - set up .venv, then run the pipeline (dvc repro)
+# make test  - set up .venv with test deps, then run the tests
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TF_VERSION := 2.21.0
+MEDMNIST_VERSION := 3.0.2
+
+.PHONY: run test setup clean-venv
+
+$(VENV)/.runtime: requirements.txt Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed (set PYTHON=python3.x)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "GPU found: installing tensorflow[and-cuda]"; tf="tensorflow[and-cuda]==$(TF_VERSION)"; \
+	else \
+		echo "no GPU found: installing tensorflow (CPU)"; tf="tensorflow==$(TF_VERSION)"; \
+	fi; \
+	$(BIN)/pip install -q -r requirements.txt "$$tf"
+	$(BIN)/pip install -q --no-deps medmnist==$(MEDMNIST_VERSION)
+	@touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(BIN)/pip install -q -r requirements-dev.txt
+	@touch $@
+
+setup: $(VENV)/.runtime
+
+run: $(VENV)/.runtime
+	$(BIN)/dvc repro
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

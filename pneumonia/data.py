@@ -1,0 +1,168 @@
+"""PneumoniaMNIST: metadata, download or local file, validation and resizing."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pneumonia.errors import PipelineError
+
+SPLITS = ("train", "val", "test")
+FLAG = "pneumoniamnist"
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pneumonia-pipeline"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    url: str
+    md5: str
+    n_samples: dict
+    labels: dict
+    license: str
+
+
+def dataset_info() -> DatasetInfo:
+    """PneumoniaMNIST's URL, MD5, split sizes and label names, from medmnist.INFO."""
+    # medmnist prints a "please install" notice when torch is absent; only INFO is needed here.
+    with contextlib.redirect_stdout(io.StringIO()):
+        from medmnist import INFO
+    info = INFO[FLAG]
+    return DatasetInfo(info["url"], info["MD5"], dict(info["n_samples"]), dict(info["label"]), info["license"])
+
+
+def md5sum(path: str | Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(info: DatasetInfo, cache_dir: Path = CACHE_DIR) -> Path:
+    """Download the official file once (MD5-checked) into a cache outside the DVC outputs."""
+    import keras
+
+    try:
+        path = keras.utils.get_file(
+            fname=f"{FLAG}.npz", origin=info.url, file_hash=info.md5, hash_algorithm="md5", cache_dir=str(cache_dir), cache_subdir="."
+        )
+    except Exception as exc:  # network errors come in many types; all get the same advice
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(
+            f"download: could not fetch {info.url} ({reason}); offline, set data.source to a local "
+            f"PneumoniaMNIST .npz (e.g. dvc exp run -S data.source=path/to/pneumoniamnist.npz)"
+        ) from None
+    return Path(path)
+
+
+def load_npz(path: str | Path, info: DatasetInfo) -> dict[str, np.ndarray]:
+    """Load a MedMNIST-layout .npz and check everything the pipeline relies on."""
+    path = Path(path)
+    name = str(path)
+    if path.is_dir():
+        raise PipelineError(f"data: {name} is a directory; point data.source at a .npz file")
+    if not path.exists():
+        raise PipelineError(f"data: {name} does not exist; set data.source to 'medmnist' or to an existing .npz")
+    if path.stat().st_size == 0:
+        raise PipelineError(f"data: {name} is empty (0 bytes); download it again or fix data.source")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
+            raise PipelineError(f"data: {name} is not an .npz file (no zip header); point data.source at a MedMNIST .npz")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise PipelineError(f"data: {name} contains pickled objects, which are refused for safety; save plain uint8 arrays") from None
+        raise PipelineError(f"data: {name} is not a valid .npz ({exc}); download it again") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise PipelineError(f"data: {name} is truncated or not an .npz file ({exc}); download it again") from None
+    validate(arrays, info, name)
+    return arrays
+
+
+def validate(arrays: dict[str, np.ndarray], info: DatasetInfo, name: str = "data") -> None:
+    expected = {f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")}
+    missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+    if missing or extra:
+        raise PipelineError(
+            f"data: {name} has wrong keys (missing: {', '.join(missing) or 'none'}; unexpected: {', '.join(extra) or 'none'}); "
+            f"expected {', '.join(sorted(expected))}"
+        )
+    for split in SPLITS:
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.dtype != np.uint8 or labels.dtype != np.uint8:
+            raise PipelineError(
+                f"data: {name}: {split} images/labels are {images.dtype}/{labels.dtype}; both must be uint8 as in MedMNIST"
+            )
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise PipelineError(f"data: {name}: {split}_images has shape {images.shape}; expected (N, 28, 28) grayscale")
+        if labels.shape != (len(labels), 1) or len(labels) != len(images):
+            raise PipelineError(
+                f"data: {name}: {split}_labels has shape {labels.shape} for {len(images)} images; expected ({len(images)}, 1)"
+            )
+        if len(images) == 0:
+            raise PipelineError(f"data: {name}: the {split} split has 0 samples")
+        bad = np.setdiff1d(np.unique(labels), [0, 1])
+        if bad.size:
+            raise PipelineError(f"data: {name}: {split} labels contain {bad.tolist()}; only 0 (normal) and 1 (pneumonia) are allowed")
+        if len(images) != info.n_samples[split]:
+            raise PipelineError(
+                f"data: {name}: the {split} split has {len(images)} samples, PneumoniaMNIST has {info.n_samples[split]}; "
+                "use the official file or a copy in the same layout"
+            )
+
+
+def fetch(source: str, raw_npz: Path, info: DatasetInfo) -> dict:
+    """Put a validated PneumoniaMNIST file at `raw_npz`; return its provenance."""
+    if source == "medmnist":
+        origin = download(info)
+        provenance = {"source": "medmnist", "url": info.url}
+    else:
+        origin = Path(source).expanduser()
+        provenance = {"source": "local", "path": str(source)}
+    arrays = load_npz(origin, info)
+    md5 = md5sum(origin)
+    provenance |= {"md5": md5, "official_md5": info.md5, "license": info.license}
+    if md5 != info.md5:
+        provenance["warning"] = f"MD5 {md5} differs from the official {info.md5}"
+    provenance["class_counts"] = {
+        split: {info.labels[str(k)]: int((arrays[f"{split}_labels"] == k).sum()) for k in (0, 1)} for split in SPLITS
+    }
+    raw_npz.parent.mkdir(parents=True, exist_ok=True)
+    from pneumonia.files import atomic_path
+
+    with atomic_path(raw_npz) as tmp:
+        shutil.copyfile(origin, tmp)
+    return provenance
+
+
+def resize_images(images: np.ndarray, size: int, interpolation: str) -> np.ndarray:
+    """Resize (N, H, W) uint8 grayscale images to (N, size, size) uint8, one channel."""
+    from PIL import Image
+
+    method = getattr(Image.Resampling, interpolation.upper())
+    out = np.empty((len(images), size, size), dtype=np.uint8)
+    for i, image in enumerate(images):
+        out[i] = np.asarray(Image.fromarray(image).resize((size, size), method))
+    return out
+
+
+def load_split(resized_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Resized images (N, S, S, 1) uint8 and labels (N,) for one split."""
+    path = Path(resized_dir) / f"{split}.npz"
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
+            raise PipelineError(f"data: {name} is not an .npz file (no zip header); point data.source at a MedMNIST .npz")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return npz["images"][..., None], npz["labels"].reshape(-1).astype("int32")
+    except (OSError, KeyError, ValueError) as exc:
+        raise PipelineError(f"data: cannot read {path} ({exc}); rerun the resize stage (dvc repro resize)") from None

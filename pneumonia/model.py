@@ -1,0 +1,81 @@
+"""ResNet-50 with a new head, freezing rules, and the frozen-prefix / trainable-suffix split.
+
+The model takes raw uint8-range grayscale pixels (N, S, S, 1): the 3-channel
+expansion and ResNet-50's preprocessing are layers inside it, so a saved
+.keras file is self-contained.
+"""
+from __future__ import annotations
+
+import keras
+
+from pneumonia.errors import PipelineError
+
+# resnet50.preprocess_input ("caffe" mode) subtracts these BGR means; the
+# channels are identical copies of the gray image, so the BGR swap is a no-op.
+IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
+POOL = "avg_pool"
+LOGIT = "logit"
+
+
+def build(image_size: int, weights: str, dropout: float) -> keras.Model:
+    inputs = keras.Input((image_size, image_size, 1), name="pixels")
+    x = keras.layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs])
+    x = keras.layers.Normalization(mean=IMAGENET_BGR_MEAN, variance=(1.0, 1.0, 1.0), name="resnet50_preprocess")(x)
+    try:
+        backbone = keras.applications.ResNet50(
+            include_top=False, weights=None if weights == "none" else weights, input_tensor=x, pooling="avg"
+        )
+    except Exception as exc:  # the weights download fails in many ways; all get the same advice
+        raise PipelineError(
+            f"model: could not load ResNet-50 {weights} weights ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            "put resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 in ~/.keras/models/ or set model.weights=none "
+            "to train from scratch"
+        ) from None
+    x = keras.layers.Dropout(dropout, name="head_dropout")(backbone.output)
+    x = keras.layers.Dense(1, name=LOGIT)(x)
+    # float32 output even under mixed precision.
+    outputs = keras.layers.Activation("sigmoid", dtype="float32", name="probability")(x)
+    return keras.Model(inputs, outputs, name="pneumonia_resnet50")
+
+
+def boundary(model: keras.Model, block: str | None):
+    """The tensor where the trainable part starts: the input of `block`, or the pooled features (None)."""
+    if block is None:
+        return model.get_layer(POOL).output
+    first = next(layer for layer in model.layers if layer.name.startswith(block + "_"))
+    return first.input
+
+
+def split(model: keras.Model, block: str | None) -> tuple[keras.Model | None, keras.Model]:
+    """(prefix, suffix) sharing the model's layers: suffix(prefix(x)) == model(x).
+
+    From "conv1" everything with weights trains, so there is no prefix (None).
+    """
+    if block == "conv1":
+        return None, model
+    cut = boundary(model, block)
+    return keras.Model(model.input, cut, name="frozen_prefix"), keras.Model(cut, model.output, name="trainable_suffix")
+
+
+def set_trainable(model: keras.Model, block: str | None, train_batchnorm: bool) -> None:
+    """Freeze everything before `block` (None: the whole backbone); BatchNorm stays frozen unless asked."""
+    _, suffix = split(model, block)
+    trainable = {id(layer) for layer in suffix.layers}
+    model.trainable = True
+    for layer in model.layers:
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        # Keras 3 runs a frozen BatchNormalization in inference mode, which keeps pretrained statistics intact.
+        layer.trainable = id(layer) in trainable and (train_batchnorm or not is_bn)
+
+
+def logits_model(model: keras.Model) -> keras.Model:
+    """Same weights, outputs the pre-sigmoid logit (for temperature scaling)."""
+    return keras.Model(model.input, model.get_layer(LOGIT).output)
+
+
+def load(path) -> keras.Model:
+    """A saved model; safe_mode refuses anything that could run arbitrary code on load."""
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=False)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"model: cannot load {path} ({str(exc).splitlines()[0]}); run dvc repro to train it") from None

@@ -1,0 +1,209 @@
+"""One typed schema for params.yaml: loaded and validated once, up front.
+
+Every stage calls `load()`; a typo, a wrong type or an out-of-range value
+stops the stage with a message naming the key, before any work is done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from pneumonia.errors import PipelineError
+
+# ResNet-50 block names that `fine_tune.unfreeze_from` may name (the stem is "conv1").
+RESNET50_BLOCKS = ("conv1",) + tuple(
+    f"conv{stage}_block{block}"
+    for stage, blocks in ((2, 3), (3, 4), (4, 6), (5, 3))
+    for block in range(1, blocks + 1)
+)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = "medmnist"  # "medmnist" downloads; anything else is a local .npz path
+
+
+@dataclass(frozen=True)
+class ResizeParams:
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "bilinear"
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    weights: Literal["imagenet", "none"] = "imagenet"
+    dropout: float = 0.2
+
+
+@dataclass(frozen=True)
+class TrainHeadParams:
+    epochs: int = 10
+    patience: int = 5  # epochs without a better validation AUC before stopping
+
+
+@dataclass(frozen=True)
+class FineTuneParams:
+    epochs: int = 10
+    lr: float = 1e-5
+    unfreeze_from: str = "conv5_block1"
+    patience: int = 5
+
+
+@dataclass(frozen=True)
+class ComputeParams:
+    # auto: on when a GPU is visible, off on CPU.
+    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    jit_compile: Literal["auto", "on", "off"] = "auto"
+    distribute: Literal["auto", "none", "mirrored"] = "auto"
+    cache_dtype: Literal["float16", "float32"] = "float16"
+
+
+@dataclass(frozen=True)
+class ThresholdParams:
+    strategy: Literal["target_sensitivity", "youden", "fixed"] = "target_sensitivity"
+    target_sensitivity: float = 0.95
+    value: float = 0.5  # used by strategy "fixed"
+
+
+@dataclass(frozen=True)
+class BootstrapParams:
+    samples: int = 2000
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    threshold: ThresholdParams = field(default_factory=ThresholdParams)
+    calibration: Literal["temperature", "none"] = "temperature"
+    bootstrap: BootstrapParams = field(default_factory=BootstrapParams)
+
+
+@dataclass(frozen=True)
+class ErrorAnalysisParams:
+    cases: int = 12
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 42
+    lr: float = 1e-4  # head learning rate (phase 1)
+    image_size: int = 224
+    batch_size: int = 32
+    data: DataParams = field(default_factory=DataParams)
+    resize: ResizeParams = field(default_factory=ResizeParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train_head: TrainHeadParams = field(default_factory=TrainHeadParams)
+    fine_tune: FineTuneParams = field(default_factory=FineTuneParams)
+    compute: ComputeParams = field(default_factory=ComputeParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    error_analysis: ErrorAnalysisParams = field(default_factory=ErrorAnalysisParams)
+
+
+# Range checks: key -> (predicate, what the value must be).
+_RULES = {
+    "seed": (lambda v: v >= 0, "a non-negative integer"),
+    "lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "image_size": (lambda v: 32 <= v <= 1024, "between 32 and 1024"),
+    "batch_size": (lambda v: 1 <= v <= 4096, "between 1 and 4096"),
+    "data.source": (lambda v: v.strip() != "", "'medmnist' or a path to a local .npz"),
+    "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train_head.epochs": (lambda v: v >= 1, "at least 1"),
+    "train_head.patience": (lambda v: v >= 1, "at least 1"),
+    "fine_tune.epochs": (lambda v: v >= 1, "at least 1"),
+    "fine_tune.lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "fine_tune.unfreeze_from": (lambda v: v in RESNET50_BLOCKS, "a ResNet-50 block name: " + ", ".join(RESNET50_BLOCKS)),
+    "fine_tune.patience": (lambda v: v >= 1, "at least 1"),
+    "evaluate.threshold.target_sensitivity": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "evaluate.threshold.value": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "evaluate.bootstrap.samples": (lambda v: v >= 0, "at least 0 (0 turns confidence intervals off)"),
+    "error_analysis.cases": (lambda v: 1 <= v <= 100, "between 1 and 100"),
+}
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-05` as a float (YAML 1.2), as `dvc exp run -S lr=1e-5` writes it."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _coerce(value, hint, key: str):
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise PipelineError(f"params: {key} is {value!r}; use one of: {', '.join(map(str, choices))}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[hint]
+    if not ok:
+        raise PipelineError(
+            f"params: {key} must be of type {hint.__name__}, got {type(value).__name__} {value!r}; fix it in params.yaml"
+        )
+    return float(value) if hint is float else value
+
+
+def _build(cls, data, prefix: str = ""):
+    where = prefix or "params.yaml"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PipelineError(f"params: {where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise PipelineError(f"params: unknown key {key}; known keys here: {', '.join(sorted(names))}")
+    values = {}
+    for name in names & set(data):
+        key = f"{prefix}.{name}" if prefix else name
+        values[name] = _coerce(data[name], hints[name], key)
+        if key in _RULES:
+            check, wanted = _RULES[key]
+            if not check(values[name]):
+                raise PipelineError(f"params: {key} is {values[name]!r}; it must be {wanted}")
+    return cls(**values)
+
+
+def from_dict(data: dict) -> Params:
+    return _build(Params, data)
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; missing keys take the schema's defaults."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PipelineError(f"params: cannot read {path} ({exc.strerror}); run from the project root") from None
+    try:
+        data = yaml.load(text, Loader=_Yaml12Loader)
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"params: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return from_dict(data)
+
+
+def as_dict(params) -> dict:
+    return dataclasses.asdict(params)

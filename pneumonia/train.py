@@ -1,0 +1,143 @@
+"""The two training phases on cached activations.
+
+The frozen prefix of the network runs once per image for the whole stage;
+only the trainable suffix runs each epoch. With no augmentation and BatchNorm
+in inference mode this is the same maths as `fit` on the full model.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from pneumonia import model as model_lib
+from pneumonia.errors import PipelineError
+from pneumonia.files import atomic_path
+
+CACHE_CHUNK = 256  # images per prefix forward call; bounds the float32 intermediate
+
+
+@dataclass(frozen=True)
+class Runtime:
+    gpus: int
+    mixed_precision: bool
+    jit_compile: bool
+    strategy: object | None  # a tf.distribute strategy, or None
+
+    def scope(self):
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def describe(self) -> str:
+        dist = type(self.strategy).__name__ if self.strategy is not None else "none"
+        return (f"backend {keras.backend.backend()}, GPUs {self.gpus}, mixed precision {self.mixed_precision}, "
+                f"XLA {self.jit_compile}, distribution {dist}")
+
+
+def _visible_gpus() -> int:
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return len(tf.config.list_physical_devices("GPU"))
+    if backend == "jax":
+        import jax
+
+        return sum(d.platform == "gpu" for d in jax.devices())
+    return 0
+
+
+def configure(seed: int, compute) -> Runtime:
+    """Seeds, determinism and the GPU-only switches, all decided here and only here."""
+    keras.utils.set_random_seed(seed)  # Python, NumPy and the backend
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    gpus = _visible_gpus()
+    mixed = compute.mixed_precision == "on" or (compute.mixed_precision == "auto" and gpus > 0)
+    jit = compute.jit_compile == "on" or (compute.jit_compile == "auto" and gpus > 0)
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    strategy = None
+    if compute.distribute == "mirrored" or (compute.distribute == "auto" and gpus > 1):
+        if keras.backend.backend() != "tensorflow":
+            raise PipelineError("params: compute.distribute=mirrored needs the TensorFlow backend; set it to none")
+        import tensorflow as tf
+
+        strategy = tf.distribute.MirroredStrategy()
+    return Runtime(gpus, mixed, jit, strategy)
+
+
+def cache_activations(prefix: keras.Model | None, images: np.ndarray, dtype: str, label: str) -> np.ndarray:
+    """Run the frozen prefix once over `images`, chunk by chunk, into one compact array."""
+    if prefix is None:  # nothing frozen before the cut: the raw uint8 pixels are the cache
+        return images
+    out = None
+    for start in range(0, len(images), CACHE_CHUNK):
+        batch = prefix.predict_on_batch(images[start : start + CACHE_CHUNK])
+        batch = keras.ops.convert_to_numpy(batch)
+        if out is None:
+            out = np.empty((len(images), *batch.shape[1:]), dtype=dtype)
+        out[start : start + len(batch)] = batch
+        done = start + len(batch)
+        if done == len(images) or (done // CACHE_CHUNK) % 4 == 0:
+            print(f"  caching {label} activations: {done}/{len(images)} images", flush=True)
+    return out
+
+
+def class_weights(labels: np.ndarray) -> dict[int, float]:
+    from sklearn.utils.class_weight import compute_class_weight
+
+    weights = compute_class_weight("balanced", classes=np.array([0, 1]), y=labels)
+    return {0: float(weights[0]), 1: float(weights[1])}
+
+
+def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size, runtime: Runtime, live_dir) -> dict:
+    """Train `trainable` on (inputs, labels) pairs; restore the epoch with the best validation AUC."""
+    from dvclive import Live
+    from dvclive.keras import DVCLiveCallback
+
+    with runtime.scope():
+        trainable.compile(
+            optimizer=keras.optimizers.Adam(lr),
+            loss=keras.losses.BinaryCrossentropy(),
+            metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+            jit_compile=runtime.jit_compile,
+        )
+    early = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience, restore_best_weights=True)
+    with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
+        trainable.fit(
+            train[0], train[1], validation_data=val, epochs=epochs, batch_size=batch_size,
+            class_weight=class_weights(train[1]), shuffle=True, verbose=2,
+            callbacks=[early, DVCLiveCallback(live=live)],
+        )
+        summary = {"best_epoch": int(early.best_epoch) + 1, "best_val_auc": round(float(early.best), 4)}
+        live.summary.update(summary)
+    return summary
+
+
+def save(model: keras.Model, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+
+
+def train_head(model: keras.Model, train, val, *, lr, epochs, patience, batch_size, runtime, live_dir) -> dict:
+    """Phase 1: the whole backbone frozen; the head trains on pooled features computed once."""
+    model_lib.set_trainable(model, None, train_batchnorm=False)
+    prefix, head = model_lib.split(model, None)
+    features = [cache_activations(prefix, x, "float32", name) for (x, _), name in ((train, "train"), (val, "val"))]
+    return fit(head, (features[0], train[1]), (features[1], val[1]), lr=lr, epochs=epochs, patience=patience,
+               batch_size=batch_size, runtime=runtime, live_dir=live_dir)
+
+
+def fine_tune(model: keras.Model, train, val, *, block, train_batchnorm, cache_dtype, lr, epochs, patience,
+              batch_size, runtime, live_dir) -> dict:
+    """Phase 2: layers from `block` up train; the prefix before it runs once per image."""
+    model_lib.set_trainable(model, block, train_batchnorm=train_batchnorm)
+    prefix, suffix = model_lib.split(model, block)
+    acts = [cache_activations(prefix, x, cache_dtype, name) for (x, _), name in ((train, "train"), (val, "val"))]
+    return fit(suffix, (acts[0], train[1]), (acts[1], val[1]), lr=lr, epochs=epochs, patience=patience,
+               batch_size=batch_size, runtime=runtime, live_dir=live_dir)

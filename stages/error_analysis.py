@@ -1,0 +1,21 @@
+"""Stage 6: the most confident mistakes and random test samples, as image grids and a CSV."""
+import json
+from pathlib import Path
+
+from pneumonia import data, errors_report, stage
+
+RESIZED_DIR = Path("data/resized")
+
+
+def main(params):
+    threshold = json.loads(Path("metrics/metrics.json").read_text())["test"]["threshold"]
+    images, _ = data.load_split(RESIZED_DIR, "test")
+    counts = errors_report.write(
+        images, Path("metrics/predictions.csv"), threshold, params.error_analysis.cases, params.seed,
+        Path("plots/errors"), Path("reports/errors.csv"),
+    )
+    print(f"error_analysis: at threshold {threshold}: {counts['fn']} false negatives, {counts['fp']} false positives", flush=True)
+
+
+if __name__ == "__main__":
+    stage.run("error_analysis", main)

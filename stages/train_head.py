@@ -1,0 +1,25 @@
+"""Stage 3 (phase 1): frozen ResNet-50, a new head trained on features computed once per image."""
+from pathlib import Path
+
+from pneumonia import data, model, stage, train
+
+RESIZED_DIR = Path("data/resized")
+HEAD_MODEL = Path("models/head.keras")
+
+
+def main(params):
+    runtime = train.configure(params.seed, params.compute)
+    print(f"train_head: {runtime.describe()}", flush=True)
+    train_split, val_split = data.load_split(RESIZED_DIR, "train"), data.load_split(RESIZED_DIR, "val")
+    with runtime.scope():
+        net = model.build(train_split[0].shape[1], params.model.weights, params.model.dropout)
+    summary = train.train_head(
+        net, train_split, val_split, lr=params.lr, epochs=params.train_head.epochs, patience=params.train_head.patience,
+        batch_size=params.batch_size, runtime=runtime, live_dir="dvclive/train_head",
+    )
+    print(f"train_head: best epoch {summary['best_epoch']}, validation AUC {summary['best_val_auc']}", flush=True)
+    train.save(net, HEAD_MODEL)
+
+
+if __name__ == "__main__":
+    stage.run("train_head", main)

@@ -1,0 +1,92 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+# Project files a user clone has; everything else (venv, outputs, caches) stays behind.
+SKIP = {".venv", ".git", "data", "models", "dvclive", "metrics", "plots", "reports", ".pytest_cache", "__pycache__",
+        "tmp", "cache", "work", "node_modules"}
+
+TINY = {
+    "image_size": 32,
+    "model": {"weights": "none", "dropout": 0.2},
+    "train_head": {"epochs": 1},
+    "fine_tune": {"epochs": 1, "lr": 1e-4},
+    "evaluate": {"bootstrap": {"samples": 50}},
+    "error_analysis": {"cases": 4},
+}
+
+
+@pytest.fixture(scope="session")
+def synthetic_npz(tmp_path_factory) -> Path:
+    return synthetic.write(tmp_path_factory.mktemp("data") / "synthetic.npz")
+
+
+def tool_env(tmp: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+        DVC_NO_ANALYTICS="1",
+        DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"),
+        XDG_CACHE_HOME=str(tmp / "xdg-cache"),
+        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
+    )
+    return env
+
+
+class Repo:
+    """A temporary git + DVC copy of the project, driven through the real CLIs."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.env = tool_env(path.parent)
+
+    def run(self, *args, check=True, timeout=900) -> subprocess.CompletedProcess:
+        proc = subprocess.run(args, cwd=self.path, env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    def dvc(self, *args, **kw):
+        return self.run(sys.executable, "-m", "dvc", *args, **kw)
+
+    def git(self, *args, **kw):
+        return self.run("git", *args, **kw)
+
+    def set_params(self, updates: dict) -> None:
+        path = self.path / "params.yaml"
+        params = yaml.safe_load(path.read_text())
+
+        def merge(dst, src):
+            for k, v in src.items():
+                if isinstance(v, dict):
+                    merge(dst.setdefault(k, {}), v)
+                else:
+                    dst[k] = v
+
+        merge(params, updates)
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_repo(tmp: Path, source: Path, extra: dict | None = None) -> Repo:
+    path = tmp / "project"
+    shutil.copytree(ROOT, path, ignore=lambda d, names: [n for n in names if n in SKIP and Path(d, n) != ROOT / ".dvc"])
+    repo = Repo(path)
+    repo.git("init", "-q", "-b", "main")
+    repo.set_params(TINY | {"data": {"source": str(source)}} | (extra or {}))
+    repo.git("add", "-A")
+    repo.git("commit", "-qm", "tiny pipeline")
+    return repo
+
+
+@pytest.fixture
+def repo(tmp_path, synthetic_npz) -> Repo:
+    return make_repo(tmp_path, synthetic_npz)

@@ -1,0 +1,151 @@
+import functools
+import hashlib
+import http.server
+import io
+import json
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+
+import synthetic
+from pneumonia import data
+from pneumonia.errors import PipelineError
+
+INFO = data.dataset_info()
+
+
+def test_info_comes_from_medmnist():
+    assert INFO.n_samples == {"train": 4708, "val": 524, "test": 624}
+    assert INFO.labels == {"0": "normal", "1": "pneumonia"}
+    assert INFO.md5 == "28209eda62fecd6e6a2d98b1501bb15f" and INFO.url.startswith("https://")
+
+
+def _npz_bytes(arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _case(name):
+    """Write one malformed file and return its path (builders below)."""
+    good = synthetic.make_arrays()
+    if name == "zero bytes":
+        return b""
+    if name == "not a zip":
+        return b"this is not an npz file\n" * 10
+    if name == "truncated zip":
+        return _npz_bytes(good)[:100_000]
+    if name == "pickle object array":
+        bad = dict(good, train_labels=np.array([{"a": 1}] * 4708, dtype=object)[:, None])
+        return _npz_bytes(bad)
+    mutate = {
+        "missing key": lambda a: {k: v for k, v in a.items() if k != "val_labels"},
+        "extra key": lambda a: a | {"notes": np.zeros(3, np.uint8)},
+        "float64 images": lambda a: a | {"train_images": a["train_images"].astype(np.float64)},
+        "int64 labels": lambda a: a | {"test_labels": a["test_labels"].astype(np.int64)},
+        "NaN in float images": lambda a: a | {"val_images": np.full((524, 28, 28), np.nan, np.float32)},
+        "wrong rank": lambda a: a | {"train_images": a["train_images"][..., None]},
+        "mismatched counts": lambda a: a | {"test_labels": a["test_labels"][:-1]},
+        "label 2": lambda a: a | {"train_labels": np.full((4708, 1), 2, np.uint8)},
+        "label -1": lambda a: a | {"train_labels": np.full((4708, 1), -1, np.int8).astype(np.uint8)},
+        "0 samples": lambda a: a | {"val_images": np.zeros((0, 28, 28), np.uint8), "val_labels": np.zeros((0, 1), np.uint8)},
+        "wrong split size": lambda a: a | {"val_images": a["val_images"][:500], "val_labels": a["val_labels"][:500]},
+    }[name]
+    return _npz_bytes(mutate(good))
+
+
+CASES = {
+    "zero bytes": "empty",
+    "not a zip": "not an .npz",
+    "truncated zip": "truncated",
+    "pickle object array": "pickle",
+    "missing key": "missing: val_labels",
+    "extra key": "unexpected: notes",
+    "float64 images": "float64",
+    "int64 labels": "int64",
+    "NaN in float images": "float32",
+    "wrong rank": "shape",
+    "mismatched counts": "test_labels has shape",
+    "label 2": "[2]",
+    "label -1": "[255]",
+    "0 samples": "0 samples",
+    "wrong split size": "500 samples",
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_malformed_files_give_one_clear_line(tmp_path, name):
+    path = tmp_path / "bad.npz"
+    path.write_bytes(_case(name))
+    with pytest.raises(PipelineError) as err:
+        data.load_npz(path, INFO)
+    message = str(err.value)
+    assert CASES[name] in message, message
+    assert str(path) in message and "\n" not in message
+
+
+def test_missing_path_and_directory(tmp_path):
+    with pytest.raises(PipelineError, match="does not exist"):
+        data.load_npz(tmp_path / "nope.npz", INFO)
+    with pytest.raises(PipelineError, match="is a directory"):
+        data.load_npz(tmp_path, INFO)
+
+
+def test_local_source_warns_on_md5_and_records_provenance(tmp_path, synthetic_npz):
+    out = tmp_path / "raw" / "pneumoniamnist.npz"
+    provenance = data.fetch(str(synthetic_npz), out, INFO)
+    assert out.read_bytes() == synthetic_npz.read_bytes()
+    assert provenance["source"] == "local" and provenance["md5"] == data.md5sum(synthetic_npz)
+    assert INFO.md5 in provenance["warning"] and provenance["md5"] in provenance["warning"]
+    assert sum(provenance["class_counts"]["test"].values()) == 624
+
+
+def _serve(directory):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_download_checks_md5_and_caches(tmp_path, synthetic_npz):
+    # The real download code against a local HTTP server standing in for Zenodo.
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "pneumoniamnist.npz").write_bytes(synthetic_npz.read_bytes())
+    server = _serve(served)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/pneumoniamnist.npz"
+        md5 = hashlib.md5(synthetic_npz.read_bytes()).hexdigest()
+        info = data.DatasetInfo(url, md5, INFO.n_samples, INFO.labels, INFO.license)
+        cache = tmp_path / "cache"
+        path = data.download(info, cache)
+        assert path.read_bytes() == synthetic_npz.read_bytes()
+        (served / "pneumoniamnist.npz").unlink()  # a second call must not need the network
+        assert data.download(info, cache) == path
+
+        bad = data.DatasetInfo(url.replace("pneumoniamnist", "other"), "0" * 32, INFO.n_samples, INFO.labels, INFO.license)
+        (served / "other.npz").write_bytes(b"corrupted")
+        with pytest.raises(PipelineError, match="could not fetch"):
+            data.download(bad, tmp_path / "cache2")
+    finally:
+        server.shutdown()
+
+
+def test_failed_download_names_url_and_offline_alternative(tmp_path):
+    info = data.DatasetInfo("http://127.0.0.1:9/pneumoniamnist.npz", INFO.md5, INFO.n_samples, INFO.labels, INFO.license)
+    with pytest.raises(PipelineError) as err:
+        data.download(info, tmp_path)
+    assert info.url in str(err.value) and "data.source" in str(err.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_resize_keeps_uint8_single_channel():
+    images = synthetic.make_arrays()["test_images"][:5]
+    out = data.resize_images(images, 64, "bilinear")
+    assert out.shape == (5, 64, 64) and out.dtype == np.uint8
+    assert abs(float(out.mean()) - float(images.mean())) < 2
+    nearest = data.resize_images(images, 56, "nearest")
+    assert np.array_equal(nearest[:, ::2, ::2], images)

@@ -1,0 +1,109 @@
+import keras
+import numpy as np
+import pytest
+
+import synthetic
+from pneumonia import model as model_lib
+from pneumonia import train
+from pneumonia.params import ComputeParams
+
+SIZE = 32
+
+
+@pytest.fixture
+def net():
+    keras.utils.set_random_seed(0)
+    return model_lib.build(SIZE, "none", dropout=0.0)
+
+
+def _images(n=16, seed=0):
+    arrays = synthetic.make_arrays(seed)
+    from pneumonia.data import resize_images
+
+    return resize_images(arrays["train_images"][:n], SIZE, "bilinear")[..., None], arrays["train_labels"][:n, 0].astype("int32")
+
+
+def _trainable_names(model):
+    return {layer.name for layer in model.layers if layer.trainable and layer.weights}
+
+
+def test_model_takes_raw_pixels_and_outputs_probabilities(net):
+    x, _ = _images(4)
+    p = net.predict(x, verbose=0)
+    assert p.shape == (4, 1) and np.all((p > 0) & (p < 1))
+    assert net.input.shape[1:] == (SIZE, SIZE, 1)
+    assert net.output.dtype == "float32"
+
+
+def test_phase1_trains_only_the_head(net):
+    model_lib.set_trainable(net, None, train_batchnorm=False)
+    assert _trainable_names(net) == {"logit"}
+
+
+def test_phase2_unfreezes_from_block_with_batchnorm_frozen(net):
+    model_lib.set_trainable(net, "conv5_block1", train_batchnorm=False)
+    names = _trainable_names(net)
+    assert "conv5_block1_1_conv" in names and "conv5_block3_3_conv" in names and "logit" in names
+    assert not any(n.startswith(("conv4", "conv3", "conv2", "conv1")) for n in names)
+    assert not any(isinstance(net.get_layer(n), keras.layers.BatchNormalization) for n in names)
+    # Without pretrained statistics BatchNorm may train too.
+    model_lib.set_trainable(net, "conv5_block1", train_batchnorm=True)
+    assert "conv5_block1_1_bn" in _trainable_names(net)
+    model_lib.set_trainable(net, "conv1", train_batchnorm=True)
+    assert {"conv1_conv", "conv1_bn", "conv2_block1_1_conv"} <= _trainable_names(net)
+
+
+def test_prefix_and_suffix_compose_to_the_model(net):
+    x, _ = _images(8)
+    for block in (None, "conv4_block1", "conv5_block1"):
+        prefix, suffix = model_lib.split(net, block)
+        full = net.predict(x, verbose=0)
+        np.testing.assert_allclose(suffix.predict(prefix.predict(x, verbose=0), verbose=0), full, rtol=1e-5, atol=1e-6)
+    prefix, suffix = model_lib.split(net, "conv1")
+    assert prefix is None and suffix is net
+
+
+def test_float16_cache_changes_predictions_by_little(net):
+    x, _ = _images(8)
+    prefix, suffix = model_lib.split(net, "conv5_block1")
+    cached = train.cache_activations(prefix, x, "float16", "test")
+    assert cached.dtype == np.float16
+    np.testing.assert_allclose(suffix.predict(cached, verbose=0), net.predict(x, verbose=0), atol=2e-3)
+
+
+def test_cached_activation_training_matches_full_model_fit(tmp_path):
+    """One epoch on cached prefix activations == one epoch of plain fit on the whole model."""
+    x, y = _images(64)
+    runtime = train.configure(0, ComputeParams())
+    keras.utils.set_random_seed(1)
+    a = model_lib.build(SIZE, "none", dropout=0.0)
+    b = model_lib.build(SIZE, "none", dropout=0.0)
+    b.set_weights(a.get_weights())
+    for m in (a, b):
+        model_lib.set_trainable(m, "conv5_block1", train_batchnorm=False)
+
+    a.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    a.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+
+    prefix, suffix = model_lib.split(b, "conv5_block1")
+    cache = train.cache_activations(prefix, x, "float32", "train")
+    suffix.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    suffix.fit(cache, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+
+    assert runtime.strategy is None and not runtime.mixed_precision
+    before = model_lib.build(SIZE, "none", dropout=0.0)
+    moved = np.abs(a.get_layer("logit").get_weights()[0] - before.get_layer("logit").get_weights()[0]).max()
+    assert moved > 0  # training really changed something
+    np.testing.assert_allclose(b.predict(x, verbose=0), a.predict(x, verbose=0), rtol=1e-4, atol=1e-5)
+    for name in ("conv5_block3_3_conv", "logit"):
+        for wa, wb in zip(a.get_layer(name).get_weights(), b.get_layer(name).get_weights()):
+            np.testing.assert_allclose(wa, wb, rtol=1e-4, atol=1e-6)
+
+
+def test_saved_model_reloads_safely_with_same_outputs(net, tmp_path):
+    x, _ = _images(4)
+    path = tmp_path / "m.keras"
+    train.save(net, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.keras"]  # no temporary left over
+    again = model_lib.load(path)
+    np.testing.assert_allclose(again.predict(x, verbose=0), net.predict(x, verbose=0), rtol=1e-6)

@@ -1,0 +1,85 @@
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pneumonia import params as params_lib
+from pneumonia.errors import PipelineError
+from conftest import ROOT
+
+
+def test_committed_params_match_schema_defaults():
+    assert params_lib.load(ROOT / "params.yaml") == params_lib.Params()
+
+
+def test_dvc_exponent_style_reads_as_float(tmp_path):
+    # `dvc exp run -S lr=1e-5` writes this; plain PyYAML reads it as the string "1e-05".
+    path = tmp_path / "params.yaml"
+    path.write_text("lr: 1e-05\nfine_tune:\n  lr: 2E-5\n")
+    assert yaml.safe_load(path.read_text())["lr"] == "1e-05"
+    p = params_lib.load(path)
+    assert p.lr == 1e-5 and isinstance(p.lr, float)
+    assert p.fine_tune.lr == 2e-5
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("lr: -0.1", "lr"),
+        ("lr: fast", "lr"),
+        ("image_size: 16", "image_size"),
+        ("image_size: 64.5", "image_size"),
+        ("batch_size: true", "batch_size"),
+        ("fine_tune:\n  unfreeze_from: conv9_block1", "fine_tune.unfreeze_from"),
+        ("model:\n  weights: imagenet21k", "model.weights"),
+        ("learning_rate: 0.1", "learning_rate"),
+        ("train_head:\n  epochz: 3", "train_head.epochz"),
+        ("evaluate:\n  threshold:\n    strategy: best", "evaluate.threshold.strategy"),
+        ("model: 3", "model"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, text, key):
+    path = tmp_path / "params.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(PipelineError) as err:
+        params_lib.load(path)
+    message = str(err.value)
+    assert key in message and "\n" not in message
+
+
+def test_unfreeze_from_accepts_every_resnet50_block():
+    assert len(params_lib.RESNET50_BLOCKS) == 17
+    for block in params_lib.RESNET50_BLOCKS:
+        assert params_lib.from_dict({"fine_tune": {"unfreeze_from": block}}).fine_tune.unfreeze_from == block
+
+
+_FIELDS = {
+    "lr": float, "seed": int, "image_size": int, "batch_size": int,
+    "train_head.epochs": int, "fine_tune.lr": float, "model.dropout": float, "error_analysis.cases": int,
+}
+
+
+def _nest(key, value):
+    head, *rest = key.split(".")
+    return {head: _nest(".".join(rest), value) if rest else value}
+
+
+@settings(max_examples=150, deadline=None)
+@given(key=st.sampled_from(sorted(_FIELDS)), value=st.one_of(st.text(max_size=5), st.booleans(), st.lists(st.integers(), max_size=2), st.none()))
+def test_any_wrong_type_is_rejected_with_the_key(key, value):
+    with pytest.raises(PipelineError, match=key.replace(".", r"\.")):
+        params_lib.from_dict(_nest(key, value))
+
+
+@settings(max_examples=150, deadline=None)
+@given(value=st.one_of(st.floats(max_value=0.0, allow_nan=False), st.floats(min_value=1.0001, allow_infinity=False)))
+def test_any_out_of_range_learning_rate_is_rejected(value):
+    with pytest.raises(PipelineError, match="lr"):
+        params_lib.from_dict({"lr": value})
+
+
+@settings(max_examples=100, deadline=None)
+@given(size=st.integers(min_value=32, max_value=1024), lr=st.floats(min_value=1e-8, max_value=1.0))
+def test_any_valid_values_are_kept(size, lr):
+    p = params_lib.from_dict({"image_size": size, "lr": lr})
+    assert (p.image_size, p.lr) == (size, lr)

@@ -1,0 +1,98 @@
+"""The real DVC CLI on a temporary git copy of the project, tiny settings, synthetic data."""
+import json
+import re
+
+import pytest
+import yaml
+
+METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc", "loss",
+               "tp", "fp", "tn", "fn", "threshold"}
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+def _skipped(output: str) -> set[str]:
+    return set(re.findall(r"Stage '(\w+)' didn't change, skipping", output))
+
+
+def test_repro_experiments_metrics_and_plots(repo):
+    out = repo.dvc("repro").stdout
+    assert _ran(out) == {"download", "resize", "train_head", "fine_tune", "evaluate", "error_analysis"}
+    p = repo.path
+    metrics = json.loads((p / "metrics/metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics["test"]) and METRIC_KEYS <= set(metrics["test_at_0.5"])
+    assert metrics["test"]["tp"] + metrics["test"]["fn"] + metrics["test"]["tn"] + metrics["test"]["fp"] == 624
+    assert metrics["test"]["roc_auc"] > 0.7  # the synthetic signal is easy
+    low, high = metrics["test"]["recall_ci"]
+    assert low <= metrics["test"]["recall"] <= high
+    assert {"temperature", "ece_before", "ece_after", "brier_before", "brier_after"} <= set(metrics["calibration"])
+    predictions = (p / "metrics/predictions.csv").read_text().splitlines()
+    assert predictions[0] == "split,index,label,probability,calibrated_probability" and len(predictions) == 1 + 524 + 624
+    for png in ("figures/roc.png", "figures/confusion_matrix.png", "figures/precision_recall.png", "figures/reliability.png",
+                "errors/false_negatives.png", "errors/false_positives.png", "errors/random_samples.png"):
+        assert (p / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    card = (p / "reports/model_card.md").read_text()
+    assert str(metrics["test"]["threshold"]) in card and "Known limitations" in card
+    assert json.loads((p / "dvclive/train_head/metrics.json").read_text())["step"] == 0
+    assert (p / "models/model.keras").stat().st_size > 1_000_000
+    assert "models/model.keras" not in repo.git("ls-files").stdout  # a DVC output, not a git file
+
+    shown = json.loads(repo.dvc("metrics", "show", "--json").stdout)
+    workspace = shown["workspace"]["data"]["metrics/metrics.json"]["data"]
+    assert workspace["test"]["roc_auc"] == metrics["test"]["roc_auc"]
+
+    repo.git("add", "-A")
+    repo.git("commit", "-qm", "baseline run")
+
+    # The learning rate as users type it; DVC writes 1e-05 into params.yaml.
+    out = repo.dvc("exp", "run", "-n", "slow-head", "-S", "lr=1e-5").stdout
+    assert {"train_head", "fine_tune", "evaluate", "error_analysis"} <= _ran(out)
+    assert {"download", "resize"} <= _skipped(out)
+    assert "lr: 1e-05" in (p / "params.yaml").read_text()
+    diff = json.loads(repo.dvc("metrics", "diff", "--json").stdout)
+    assert "test.roc_auc" in diff["metrics/metrics.json"]
+    params_diff = json.loads(repo.dvc("params", "diff", "--json").stdout)
+    assert params_diff["params.yaml"]["lr"]["new"] == 1e-05
+
+    out = repo.dvc("exp", "run", "-n", "fine-lr", "-S", "fine_tune.lr=2e-4").stdout
+    assert _ran(out) == {"fine_tune", "evaluate", "error_analysis"}
+    assert {"download", "resize", "train_head"} <= _skipped(out)
+    exp_vs_exp = json.loads(repo.dvc("metrics", "diff", "slow-head", "fine-lr", "--json").stdout)
+    assert "metrics/metrics.json" in exp_vs_exp
+    commit_vs_exp = repo.dvc("metrics", "diff", "HEAD", "fine-lr").stdout
+    assert "test.roc_auc" in commit_vs_exp
+
+    out = repo.dvc("exp", "run", "-n", "sens90", "-S", "evaluate.threshold.target_sensitivity=0.9").stdout
+    assert _ran(out) == {"evaluate", "error_analysis"}
+
+    table = json.loads(repo.dvc("exp", "show", "--json").stdout)
+    assert {"slow-head", "fine-lr", "sens90"} <= set(re.findall(r'"name": "([\w-]+)"', json.dumps(table)))
+
+    plots = json.loads(repo.dvc("plots", "show", "--json").stdout)
+    ids = set(plots)
+    for wanted in ("ROC", "Precision-Recall", "Confusion", "Calibration"):
+        assert wanted in ids, ids
+    assert any(i.endswith("confusion_matrix.png") for i in ids)
+    assert any("dvclive/fine_tune/plots/metrics" in i for i in ids)
+    assert plots["ROC"][0]["type"] == "vega"
+
+
+def test_bad_input_stops_with_one_line_and_no_output(repo):
+    repo.set_params({"data": {"source": str(repo.path / "missing.npz")}})
+    proc = repo.dvc("repro", "download", check=False)
+    assert proc.returncode != 0
+    assert "error: data:" in proc.stderr and "missing.npz does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (repo.path / "data/raw/pneumoniamnist.npz").exists()
+
+    repo.set_params({"lr": -0.1})
+    proc = repo.run("python", "-m", "stages.train_head", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "error: params: lr is -0.1; it must be in (0, 1]"
+
+    repo.set_params({"lr": 1e-4})
+    proc = repo.run("python", "-m", "stages.evaluate", check=False)  # nothing trained yet
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "models/model.keras" in proc.stderr and "dvc repro" in proc.stderr
