@@ -40,7 +40,7 @@ def test_repro_experiments_metrics_and_plots(repo):
     assert "models/model.keras" not in repo.git("ls-files").stdout  # a DVC output, not a git file
 
     shown = json.loads(repo.dvc("metrics", "show", "--json").stdout)
-    workspace = shown["workspace"]["data"]["metrics/metrics.json"]["data"]
+    workspace = shown[""]["data"]["metrics/metrics.json"]["data"]  # "" is the workspace
     assert workspace["test"]["roc_auc"] == metrics["test"]["roc_auc"]
 
     repo.git("add", "-A")
@@ -51,8 +51,9 @@ def test_repro_experiments_metrics_and_plots(repo):
     assert {"train_head", "fine_tune", "evaluate", "error_analysis"} <= _ran(out)
     assert {"download", "resize"} <= _skipped(out)
     assert "lr: 1e-05" in (p / "params.yaml").read_text()
-    diff = json.loads(repo.dvc("metrics", "diff", "--json").stdout)
-    assert "test.roc_auc" in diff["metrics/metrics.json"]
+    diff = json.loads(repo.dvc("metrics", "diff", "--all", "--json").stdout)["metrics/metrics.json"]
+    assert {"test.roc_auc", "test.recall", "test.specificity"} <= set(diff)
+    assert any(v["diff"] for v in diff.values())  # a 10x smaller head lr changes something
     params_diff = json.loads(repo.dvc("params", "diff", "--json").stdout)
     assert params_diff["params.yaml"]["lr"]["new"] == 1e-05
 
@@ -61,8 +62,8 @@ def test_repro_experiments_metrics_and_plots(repo):
     assert {"download", "resize", "train_head"} <= _skipped(out)
     exp_vs_exp = json.loads(repo.dvc("metrics", "diff", "slow-head", "fine-lr", "--json").stdout)
     assert "metrics/metrics.json" in exp_vs_exp
-    commit_vs_exp = repo.dvc("metrics", "diff", "HEAD", "fine-lr").stdout
-    assert "test.roc_auc" in commit_vs_exp
+    commit_vs_exp = repo.dvc("metrics", "diff", "--all", "HEAD", "fine-lr").stdout
+    assert "test.roc_auc" in commit_vs_exp and "metrics/metrics.json" in commit_vs_exp
 
     out = repo.dvc("exp", "run", "-n", "sens90", "-S", "evaluate.threshold.target_sensitivity=0.9").stdout
     assert _ran(out) == {"evaluate", "error_analysis"}
@@ -70,13 +71,15 @@ def test_repro_experiments_metrics_and_plots(repo):
     table = json.loads(repo.dvc("exp", "show", "--json").stdout)
     assert {"slow-head", "fine-lr", "sens90"} <= set(re.findall(r'"name": "([\w-]+)"', json.dumps(table)))
 
-    plots = json.loads(repo.dvc("plots", "show", "--json").stdout)
+    plots = json.loads(repo.dvc("plots", "show", "--json").stdout)["data"]
     ids = set(plots)
     for wanted in ("ROC", "Precision-Recall", "Confusion", "Calibration"):
         assert wanted in ids, ids
     assert any(i.endswith("confusion_matrix.png") for i in ids)
     assert any("dvclive/fine_tune/plots/metrics" in i for i in ids)
     assert plots["ROC"][0]["type"] == "vega"
+    roc_points = plots["ROC"][0]["content"]["data"]["values"]
+    assert len(roc_points) > 2 and all(0 <= r["fpr"] <= 1 and 0 <= r["tpr"] <= 1 for r in roc_points)
 
 
 def test_bad_input_stops_with_one_line_and_no_output(repo):
