@@ -1,6 +1,7 @@
 """What every stage script shares: params loaded once, user errors printed as one line."""
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -9,14 +10,21 @@ from pneumonia import params as params_lib
 from pneumonia.errors import PipelineError
 
 
+def _terminate(signum, frame):
+    # Turn SIGTERM (a preempted job, `kill`) into an exception so temporary files are cleaned up.
+    raise KeyboardInterrupt
+
+
 def run(name: str, main: Callable[[params_lib.Params], None]) -> None:
     start = time.perf_counter()
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main(params_lib.load())
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(f"error: {name} interrupted; nothing was written, rerun with dvc repro", file=sys.stderr)
+        print(f"error: {name} interrupted; no partial output was kept, rerun with dvc repro (training resumes "
+              "from the last finished epoch)", file=sys.stderr)
         sys.exit(130)
     print(f"{name}: done in {time.perf_counter() - start:.1f} s", flush=True)

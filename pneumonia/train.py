@@ -7,7 +7,10 @@ in inference mode this is the same maths as `fit` on the full model.
 from __future__ import annotations
 
 import contextlib
-import os
+import dataclasses
+import hashlib
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from pneumonia.errors import PipelineError
 from pneumonia.files import atomic_path
 
 CACHE_CHUNK = 256  # images per prefix forward call; bounds the float32 intermediate
+RESUME_ROOT = Path(".cache/resume")  # per-epoch checkpoints of an unfinished stage; not a DVC output
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,33 @@ def cache_activations(prefix: keras.Model | None, images: np.ndarray, dtype: str
     return out
 
 
+def check_resources(n_images: int, activation_shape, dtype: str, label: str) -> None:
+    """Refuse to start when the activation cache clearly cannot fit in the memory left."""
+    import psutil
+
+    needed = n_images * int(np.prod(activation_shape)) * np.dtype(dtype).itemsize
+    available = psutil.virtual_memory().available
+    if needed > 0.9 * available:
+        raise PipelineError(
+            f"{label}: the activation cache needs {needed / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of memory is free; "
+            "lower image_size, set compute.cache_dtype=float16, or unfreeze from an earlier block"
+        )
+
+
+def resume_dir(stage: str, params, *inputs) -> Path:
+    """Checkpoint folder for this stage, params and input files (by size and mtime).
+
+    A rerun with the same params and inputs resumes; anything changed starts afresh.
+    """
+    files = {}
+    for path in map(Path, inputs):
+        for f in sorted([path] if path.is_file() else path.rglob("*")):
+            if f.is_file():
+                files[str(f)] = [f.stat().st_size, f.stat().st_mtime_ns]
+    fingerprint = json.dumps({"params": dataclasses.asdict(params), "inputs": files}, sort_keys=True)
+    return RESUME_ROOT / f"{stage}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+
+
 def class_weights(labels: np.ndarray) -> dict[int, float]:
     from sklearn.utils.class_weight import compute_class_weight
 
@@ -95,8 +126,13 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     return {0: float(weights[0]), 1: float(weights[1])}
 
 
-def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size, runtime: Runtime, live_dir) -> dict:
-    """Train `trainable` on (inputs, labels) pairs; restore the epoch with the best validation AUC."""
+def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size, runtime: Runtime, live_dir,
+        backup_dir: Path | None = None) -> dict:
+    """Train `trainable` on (inputs, labels) pairs; restore the epoch with the best validation AUC.
+
+    With `backup_dir`, a checkpoint is written every epoch and a rerun after a crash resumes from it
+    (Keras BackupAndRestore); the folder is deleted when training completes.
+    """
     from dvclive import Live
     from dvclive.keras import DVCLiveCallback
 
@@ -108,14 +144,22 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
             jit_compile=runtime.jit_compile,
         )
     early = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience, restore_best_weights=True)
+    callbacks = [early]
+    if backup_dir is not None:
+        if (Path(backup_dir) / "training_metadata.json").exists():
+            done = json.loads((Path(backup_dir) / "training_metadata.json").read_text()).get("epoch", 0)
+            print(f"  resuming an interrupted run after epoch {done} from {backup_dir}", flush=True)
+        callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch", delete_checkpoint=True))
     with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         trainable.fit(
             train[0], train[1], validation_data=val, epochs=epochs, batch_size=batch_size,
             class_weight=class_weights(train[1]), shuffle=True, verbose=2,
-            callbacks=[early, DVCLiveCallback(live=live)],
+            callbacks=[*callbacks, DVCLiveCallback(live=live)],
         )
         summary = {"best_epoch": int(early.best_epoch) + 1, "best_val_auc": round(float(early.best), 4)}
         live.summary.update(summary)
+    if backup_dir is not None:
+        shutil.rmtree(backup_dir, ignore_errors=True)
     return summary
 
 
@@ -124,20 +168,23 @@ def save(model: keras.Model, path: str | Path) -> None:
         model.save(tmp)
 
 
-def train_head(model: keras.Model, train, val, *, lr, epochs, patience, batch_size, runtime, live_dir) -> dict:
+def _cache_both(prefix, train, val, dtype: str, label: str):
+    if prefix is not None:
+        check_resources(len(train[0]) + len(val[0]), prefix.output.shape[1:], dtype, label)
+    return [cache_activations(prefix, x, dtype, name) for (x, _), name in ((train, "train"), (val, "val"))]
+
+
+def train_head(model: keras.Model, train, val, **fit_args) -> dict:
     """Phase 1: the whole backbone frozen; the head trains on pooled features computed once."""
     model_lib.set_trainable(model, None, train_batchnorm=False)
     prefix, head = model_lib.split(model, None)
-    features = [cache_activations(prefix, x, "float32", name) for (x, _), name in ((train, "train"), (val, "val"))]
-    return fit(head, (features[0], train[1]), (features[1], val[1]), lr=lr, epochs=epochs, patience=patience,
-               batch_size=batch_size, runtime=runtime, live_dir=live_dir)
+    features = _cache_both(prefix, train, val, "float32", "train_head")
+    return fit(head, (features[0], train[1]), (features[1], val[1]), **fit_args)
 
 
-def fine_tune(model: keras.Model, train, val, *, block, train_batchnorm, cache_dtype, lr, epochs, patience,
-              batch_size, runtime, live_dir) -> dict:
+def fine_tune(model: keras.Model, train, val, *, block, train_batchnorm, cache_dtype, **fit_args) -> dict:
     """Phase 2: layers from `block` up train; the prefix before it runs once per image."""
     model_lib.set_trainable(model, block, train_batchnorm=train_batchnorm)
     prefix, suffix = model_lib.split(model, block)
-    acts = [cache_activations(prefix, x, cache_dtype, name) for (x, _), name in ((train, "train"), (val, "val"))]
-    return fit(suffix, (acts[0], train[1]), (acts[1], val[1]), lr=lr, epochs=epochs, patience=patience,
-               batch_size=batch_size, runtime=runtime, live_dir=live_dir)
+    acts = _cache_both(prefix, train, val, cache_dtype, "fine_tune")
+    return fit(suffix, (acts[0], train[1]), (acts[1], val[1]), **fit_args)

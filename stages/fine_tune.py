@@ -20,6 +20,7 @@ def main(params):
         train_batchnorm=params.model.weights == "none", cache_dtype=params.compute.cache_dtype,
         lr=params.fine_tune.lr, epochs=params.fine_tune.epochs, patience=params.fine_tune.patience,
         batch_size=params.batch_size, runtime=runtime, live_dir="dvclive/fine_tune",
+        backup_dir=train.resume_dir("fine_tune", params, RESIZED_DIR, HEAD_MODEL),
     )
     print(f"fine_tune: best epoch {summary['best_epoch']}, validation AUC {summary['best_val_auc']}", flush=True)
     train.save(net, FINAL_MODEL)

@@ -16,6 +16,7 @@ def main(params):
     summary = train.train_head(
         net, train_split, val_split, lr=params.lr, epochs=params.train_head.epochs, patience=params.train_head.patience,
         batch_size=params.batch_size, runtime=runtime, live_dir="dvclive/train_head",
+        backup_dir=train.resume_dir("train_head", params, RESIZED_DIR),
     )
     print(f"train_head: best epoch {summary['best_epoch']}, validation AUC {summary['best_val_auc']}", flush=True)
     train.save(net, HEAD_MODEL)

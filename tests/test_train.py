@@ -1,0 +1,68 @@
+import keras
+import numpy as np
+import pytest
+
+from pneumonia import train
+from pneumonia.errors import PipelineError
+from pneumonia.params import ComputeParams
+
+
+class StopAfterFirstEpoch(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            raise KeyboardInterrupt  # what SIGTERM becomes in a stage
+
+
+def _head():
+    inputs = keras.Input((8,))
+    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(inputs))
+
+
+def _data(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(64, 8)).astype("float32")
+    return x, (x[:, 0] > 0).astype("int32")
+
+
+def test_interrupted_training_resumes_from_last_epoch_then_cleans_up(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    runtime = train.configure(0, ComputeParams())
+    backup = tmp_path / "resume"
+    args = dict(lr=1e-2, epochs=3, patience=3, batch_size=16, runtime=runtime, live_dir=tmp_path / "live", backup_dir=backup)
+
+    model = _head()
+    original_fit = keras.Model.fit
+    monkeypatch.setattr(keras.Model, "fit", lambda self, *a, **kw: original_fit(
+        self, *a, **{**kw, "callbacks": [*kw["callbacks"], StopAfterFirstEpoch()]}))
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(model, _data(0), _data(1), **args)
+    assert (backup / "training_metadata.json").exists()
+    monkeypatch.setattr(keras.Model, "fit", original_fit)
+
+    summary = train.fit(_head(), _data(0), _data(1), **args)
+    assert "resuming an interrupted run after epoch 1" in capsys.readouterr().out
+    assert not backup.exists()  # deleted on success
+    assert summary["best_epoch"] >= 1
+
+
+def test_resume_dir_changes_with_params_and_inputs(tmp_path):
+    from pneumonia.params import Params, from_dict
+
+    data = tmp_path / "d.npz"
+    data.write_bytes(b"x")
+    a = train.resume_dir("train_head", Params(), data)
+    assert a == train.resume_dir("train_head", Params(), data)
+    assert a != train.resume_dir("train_head", from_dict({"lr": 3e-4}), data)
+    data.write_bytes(b"xy")
+    assert a != train.resume_dir("train_head", Params(), data)
+
+
+def test_resource_check_refuses_a_cache_that_cannot_fit():
+    with pytest.raises(PipelineError, match="activation cache needs .* GiB"):
+        train.check_resources(10**7, (14, 14, 1024), "float16", "fine_tune")
+    train.check_resources(100, (7, 7, 2048), "float16", "fine_tune")  # small: no error
+
+
+def test_class_weights_balance_the_classes():
+    weights = train.class_weights(np.array([0] * 25 + [1] * 75))
+    assert weights[0] * 25 == pytest.approx(weights[1] * 75)
