@@ -4,6 +4,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+
 
 def _outputs(repo):
     return {name: (repo.path / name).read_bytes() for name in ("metrics/metrics.json", "metrics/predictions.csv")}
@@ -22,15 +24,15 @@ def test_reruns_are_byte_identical_and_a_killed_stage_leaves_nothing_partial(rep
         if "Running stage 'fine_tune'" in "".join(seen) and "caching val activations: 524/524" in line:
             break
     time.sleep(3)  # inside the first epoch
-    stage = subprocess.run(["pgrep", "-f", "stages.fine_tune"], capture_output=True, text=True).stdout.split()
-    assert stage, "".join(seen)
-    for pid in stage:
-        subprocess.run(["kill", "-TERM", pid])
+    # Only this repo's stage: the python process under this dvc, not its shell wrapper.
+    stage = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if p.cmdline()[:3] == ["python", "-m", "stages.fine_tune"] or p.cmdline()[1:3] == ["-m", "stages.fine_tune"]]
+    assert len(stage) == 1, "".join(seen)
+    stage[0].send_signal(signal.SIGTERM)
     try:
         rest = proc.communicate(timeout=60)[0]
     except subprocess.TimeoutExpired:
-        for pid in stage:
-            subprocess.run(["kill", "-KILL", pid])
+        stage[0].kill()
         rest = proc.communicate()[0]
     assert proc.returncode != 0
     assert "fine_tune interrupted" in rest, rest[-2000:]
