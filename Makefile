@@ -1,12 +1,14 @@
 # make run   - set up .venv, then run the pipeline (dvc repro)
 # make test  - set up .venv with test deps, then run the tests
+# make plots - write dvc_plots/index.html (or PLOTS_DIR=dir), a plots page that opens with no network
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TF_VERSION := 2.21.0
 MEDMNIST_VERSION := 3.0.2
+PLOTS_DIR ?= dvc_plots
 
-.PHONY: run test setup clean-venv
+.PHONY: run test plots setup clean-venv
 
 $(VENV)/.runtime: requirements.txt Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed (set PYTHON=python3.x)")'
@@ -32,6 +34,9 @@ run: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest
+
+plots: $(VENV)/.runtime
+	$(BIN)/python -m pneumonia.plots_page $(PLOTS_DIR)
 
 clean-venv:
 	rm -rf $(VENV)

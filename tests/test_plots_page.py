@@ -1,0 +1,90 @@
+"""`make plots`: the page renders its charts in headless Chromium with every host name unresolvable."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumonia import plots
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium; installed with apt-get when missing and this is root on a machine with apt."""
+    if shutil.which("chromium"):
+        return shutil.which("chromium")
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("chromium is not installed and cannot be installed here (needs root and apt-get): "
+                    "run `apt-get install chromium`")
+    proc = subprocess.run("apt-get update -q && apt-get install -y -q chromium", shell=True, capture_output=True,
+                          text=True, timeout=1800, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    if not shutil.which("chromium"):
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        pytest.skip(f"`apt-get install chromium` failed: {tail[0]}")
+    return shutil.which("chromium")
+
+
+def rendered(chromium: str, page: Path, profile: Path) -> dict[str, str]:
+    """The page's DOM after its scripts ran, split into the top-level plot divs (by id)."""
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}",
+         "--host-resolver-rules=MAP * ~NOTFOUND",  # nothing can be fetched from the network
+         "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return dict(re.findall(r'<div id="([^"]+)"(.*?)(?=<div id="|$)', proc.stdout, re.S))
+
+
+def line_vertices(section: str) -> list[int]:
+    return [len(re.findall("[ML]", d)) for d in re.findall(r'aria-roledescription="line mark" d="([^"]+)"', section)]
+
+
+def test_plots_page_draws_roc_and_confusion_offline(repo, chromium, tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    probs = np.clip(0.45 * labels + 0.55 * rng.random(300), 0, 1)
+    predicted = (probs >= 0.5).astype(int)
+    out = repo.path / "plots"  # the evaluate stage's files, made by the same functions
+    plots.roc(labels, probs, {"specificity": 0.8, "recall": 0.9, "threshold": 0.5}, out / "roc.json", out / "figures/roc.png")
+    plots.precision_recall(labels, probs, out / "precision_recall.json", out / "figures/precision_recall.png")
+    plots.confusion(labels, predicted, out / "confusion.json", out / "figures/confusion_matrix.png", 0.5)
+    plots.reliability(labels, {"uncalibrated": probs, "temperature": probs ** 1.2}, out, out / "figures/reliability.png")
+
+    proc = repo.run(sys.executable, "-m", "pneumonia.plots_page", "page")
+    page = repo.path / "page/index.html"
+    assert page.as_uri() in proc.stdout
+    assert "dvclive_fine_tune_plots_metrics" in proc.stderr  # warned: no training curves in this repo
+    html = page.read_text()
+    scripts = re.findall(r"<script[^>]*\ssrc=\"([^\"]+)\"", html)
+    assert scripts == ["vendor/vega.min.js", "vendor/vega-lite.min.js", "vendor/vega-embed.min.js"]
+    assert all((page.parent / s).stat().st_size > 10_000 for s in scripts)
+    assert "//cdn" not in html and not re.search(r"(src|href)=[\"']?(https?:)?//", html)
+
+    dom = rendered(chromium, page, tmp_path / "profile")
+    for plot, data in ("ROC", "roc.json"), ("Precision-Recall", "precision_recall.json"):
+        assert line_vertices(dom[plot]) == [len(json.loads((out / data).read_text()))], plot
+    cells = re.findall(r'aria-label="predicted: (\w+); actual: (\w+); xy_count: (\d+)"[^>]*"rect mark"', dom["Confusion"])
+    names = plots.CLASS_NAMES
+    assert {(p, a): int(n) for p, a, n in cells} == Counter((names[p], names[a]) for p, a in zip(predicted, labels))
+    assert line_vertices(dom["Calibration"])
+    images = re.findall(r'<img src="([^"]+)"', dom["plots_figures_roc_png"])
+    assert images and (page.parent / images[0]).read_bytes()[:4] == b"\x89PNG"
+
+    # Control: DVC's own page, which takes vega from the CDN, draws nothing here.
+    repo.dvc("plots", "show", "-o", "cdn_page")
+    assert "role-mark" not in rendered(chromium, repo.path / "cdn_page/index.html", tmp_path / "profile")["ROC"]
+
+
+def test_plots_page_without_plot_data_is_one_line_error(repo):
+    proc = repo.run(sys.executable, "-m", "pneumonia.plots_page", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: no plot data found; run `dvc repro` (make run) first"
