@@ -57,7 +57,9 @@ def render(result: dict, params, provenance: dict) -> str:
         "## Data",
         f"PneumoniaMNIST (MedMNIST v2, licence {provenance.get('license', 'CC BY 4.0')}), derived from Kermany et al. 2018 (Cell 172): "
         "pediatric chest X-rays from Guangzhou Women and Children's Medical Center, center-cropped and downsampled to 28x28.",
-        f"Source: `{source}`, MD5 `{provenance['md5']}`" + (f" ({provenance['warning']})." if "warning" in provenance else " (official)."),
+        f"Source: `{source}`, MD5 `{provenance['md5']}`"
+        + (f" (not the official `{provenance['official_md5']}`: a re-packed copy; its contents were validated)."
+           if "warning" in provenance else " (the official file)."),
         "",
         "| split | normal | pneumonia |",
         "|---|---|---|",
@@ -77,9 +79,10 @@ def render(result: dict, params, provenance: dict) -> str:
         "|---|---|---|---|",
     ]
     for name, key in ROWS:
+        fmt = (lambda x: "n/a" if x is None else f"{x:.3f}") if key == "roc_auc" else _pct
         ci = test.get(f"{key}_ci")
-        ci_text = f"{_pct(ci[0])} to {_pct(ci[1])}" if ci else "n/a"
-        lines.append(f"| {name} | {_pct(test[key])} | {ci_text} | {_pct(base[key])} |")
+        ci_text = f"{fmt(ci[0])} to {fmt(ci[1])}" if ci else "n/a"
+        lines.append(f"| {name} | {fmt(test[key])} | {ci_text} | {fmt(base[key])} |")
     lines += [
         f"| False positives | {test['fp']} | | {base['fp']} |",
         f"| False negatives | {test['fn']} | | {base['fn']} |",
@@ -102,7 +105,8 @@ def render(result: dict, params, provenance: dict) -> str:
         f"{params.image_size}x{params.image_size}; fine detail of a real radiograph is gone, and the model has never seen it.",
         "- **Validation/test shift.** MedMNIST's validation split is a 10% slice of the source's training set, while the test split is "
         "the source's separate test set, which is known to differ (a larger share of normals, different acquisition). A threshold "
-        "tuned on validation can land at a different sensitivity on test: compare the validation and test rows above.",
+        "tuned on validation can land at a different sensitivity on test: compare the validation figures under "
+        "'Operating threshold' with the test results.",
         "- **One center, pediatric patients.** Performance on adults or other hospitals is unknown.",
         "- **Small test set.** 624 images: read the confidence intervals, not just the point estimates.",
         "",
