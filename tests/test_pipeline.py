@@ -82,11 +82,12 @@ def test_repro_experiments_metrics_and_plots(repo):
     table = json.loads(repo.dvc("exp", "show", "--json").stdout)
     assert {"slow-head", "fine-lr", "sens90"} <= set(re.findall(r'"name": "([\w-]+)"', json.dumps(table)))
 
-    plots = json.loads(repo.dvc("plots", "show", "--json").stdout)
+    plots = json.loads(repo.dvc("plots", "show", "--json").stdout)["data"]  # DVC 3 wraps plots in "data"
     ids = set(plots)
     for wanted in ("ROC", "Precision-Recall", "Confusion", "Calibration"):
         assert wanted in ids, ids
     assert any(i.endswith("confusion_matrix.png") for i in ids)
+    assert "plots/errors/gradcam_summary.png" in ids
     assert any("dvclive/fine_tune/plots/metrics" in i for i in ids)
     assert plots["ROC"][0]["type"] == "vega"
 
