@@ -158,11 +158,8 @@ def resize_images(images: np.ndarray, size: int, interpolation: str) -> np.ndarr
 def load_split(resized_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Resized images (N, S, S, 1) uint8 and labels (N,) for one split."""
     path = Path(resized_dir) / f"{split}.npz"
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
-            raise PipelineError(f"data: {name} is not an .npz file (no zip header); point data.source at a MedMNIST .npz")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return npz["images"][..., None], npz["labels"].reshape(-1).astype("int32")
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise PipelineError(f"data: cannot read {path} ({exc}); rerun the resize stage (dvc repro resize)") from None

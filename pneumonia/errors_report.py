@@ -1,4 +1,14 @@
-"""Error analysis: which test images the model gets most confidently wrong."""
+"""Error analysis: which test images the model gets most confidently wrong, and where it looked (Grad-CAM).
+
+Grad-CAM costs a forward and a partial backward pass per image, slow on a CPU,
+so it runs only for the images in the grids plus, for the summary figure, a
+seeded sample of at most SUMMARY_CAP true positives and SUMMARY_CAP false
+positives. reports/errors.csv lists every error; heat_outside_lung is the share
+of its heatmap outside the centered lung box (pneumonia.gradcam), "nan" for an
+all-zero map, and empty for an error without a heatmap (a false negative not
+shown in a grid, or a false positive left out of the sample when there are more
+than SUMMARY_CAP).
+"""
 from __future__ import annotations
 
 import csv
@@ -7,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumonia import plots
+from pneumonia import gradcam, plots
 from pneumonia.evaluate import read_predictions
 from pneumonia.files import write_text
 
@@ -16,6 +26,7 @@ TITLES = {
     "false_positives": "Most confident false positives (normal called pneumonia)",
     "random_samples": "Random test images",
 }
+SUMMARY_CAP = 200  # Grad-CAM images per group of the summary figure
 
 
 def select(labels, probs, threshold: float, cases: int, seed: int) -> dict[str, np.ndarray]:
@@ -31,19 +42,36 @@ def select(labels, probs, threshold: float, cases: int, seed: int) -> dict[str, 
     }
 
 
-def write(images, predictions_csv: Path, threshold: float, cases: int, seed: int, grid_dir: Path, errors_csv: Path) -> dict:
+def _sample(indices: np.ndarray, cap: int, rng) -> np.ndarray:
+    return np.sort(rng.choice(indices, size=min(cap, len(indices)), replace=False))
+
+
+def write(images, model, predictions_csv: Path, threshold: float, cases: int, seed: int, grid_dir: Path,
+          errors_csv: Path) -> dict:
     labels, probs = read_predictions(predictions_csv, "test")
     chosen = select(labels, probs, threshold, cases, seed)
+    shown = {name: chosen[name][:cases] for name in TITLES}
+    true_positives = np.flatnonzero((labels == 1) & (probs >= threshold))
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: select's random sample stays as it was
+    summary = {"true positives": _sample(true_positives, SUMMARY_CAP, rng),
+               "false positives": _sample(chosen["false_positives"], SUMMARY_CAP, rng)}
+    needed = np.unique(np.concatenate([*shown.values(), *summary.values()]))
+    heatmap = dict(zip(needed.tolist(), gradcam.heatmaps(model, images[needed])))
+
     for name, title in TITLES.items():
-        idx = chosen[name][:cases]
+        idx = shown[name]
         captions = [f"#{i} {plots.CLASS_NAMES[labels[i]]}\np={probs[i]:.3f}" for i in idx]
-        plots.image_grid(images[idx], captions, f"{title}, threshold {threshold:.3f}", grid_dir / f"{name}.png")
+        plots.gradcam_grid(images[idx], [heatmap[i] for i in idx], captions, f"{title}, threshold {threshold:.3f}",
+                           grid_dir / f"{name}.png")
+    plots.gradcam_summary({group: np.array([heatmap[i] for i in idx]) for group, idx in summary.items()},
+                          gradcam.lung_box(*images.shape[1:3]), grid_dir / "gradcam_summary.png")
 
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["index", "label", "probability", "error", "confidence_rank"])
+    writer.writerow(["index", "label", "probability", "error", "confidence_rank", "heat_outside_lung"])
     for kind in ("false_negatives", "false_positives"):
         for rank, i in enumerate(chosen[kind], 1):
-            writer.writerow([int(i), int(labels[i]), f"{probs[i]:.6f}", kind.replace("_", " ")[:-1], rank])
+            outside = f"{gradcam.heat_outside_lung(heatmap[i]):.4f}" if i in heatmap else ""
+            writer.writerow([int(i), int(labels[i]), f"{probs[i]:.6f}", kind.replace("_", " ")[:-1], rank, outside])
     write_text(errors_csv, out.getvalue())
-    return {"fn": len(chosen["false_negatives"]), "fp": len(chosen["false_positives"])}
+    return {"fn": len(chosen["false_negatives"]), "fp": len(chosen["false_positives"]), "gradcam": len(needed)}

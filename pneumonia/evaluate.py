@@ -37,7 +37,7 @@ def evaluate(val, test, val_logits, test_logits, params, metrics_path: Path, pre
         # The reference notebook's operating point: the uncalibrated model at 0.5.
         "test_at_0.5": metrics.binary_metrics(y_test, raw["test"], 0.5),
         "val": metrics.binary_metrics(y_val, calibrated["val"], threshold),
-        "calibration": {"temperature": round(temperature, 4), **metrics.calibration_summary(y_test, raw["test"], calibrated["test"])},
+        "calibration": {"temperature": temperature, **metrics.calibration_summary(y_test, raw["test"], calibrated["test"])},
     }
     write_json(metrics_path, result)
     write_predictions(predictions_path, {"val": y_val, "test": y_test}, raw, calibrated)

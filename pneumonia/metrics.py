@@ -29,7 +29,7 @@ def binary_metrics(labels, probs, threshold: float) -> dict:
         "pr_auc": _r(skm.average_precision_score(labels, probs)) if both_classes else None,
         "loss": _r(skm.log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])),
         "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
-        "threshold": _r(threshold),
+        "threshold": float(threshold),  # a decision parameter, kept exact: rounding could flip decisions
     }
 
 

@@ -7,6 +7,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
@@ -76,14 +79,35 @@ def reliability(labels, curves: dict, data_dir: Path, png_path: Path, bins: int 
     _save(fig, png_path)
 
 
-def image_grid(images, captions, title: str, png_path: Path, columns: int = 6) -> None:
-    """Tiles of grayscale images with a caption each; an empty selection still gives a labelled figure."""
-    rows = max(1, int(np.ceil(len(images) / columns)))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.9, rows * 2.1 + 0.4), squeeze=False)
+def gradcam_grid(images, heatmaps, captions, title: str, png_path: Path, pairs_per_row: int = 3) -> None:
+    """Each case as two tiles, the image (captioned) and its Grad-CAM overlay; an empty selection still gives a labelled figure."""
+    rows = max(1, int(np.ceil(len(images) / pairs_per_row)))
+    fig, axes = plt.subplots(rows, 2 * pairs_per_row, figsize=(pairs_per_row * 3.8, rows * 2.1 + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, caption in zip(axes.flat, images, captions):
-        ax.imshow(np.squeeze(image), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(caption, fontsize=7)
+    pairs = axes.reshape(rows * pairs_per_row, 2)
+    for (ax_image, ax_overlay), image, heatmap, caption in zip(pairs, images, heatmaps, captions):
+        ax_image.imshow(np.squeeze(image), cmap="gray", vmin=0, vmax=255)
+        ax_image.set_title(caption, fontsize=7)
+        ax_overlay.imshow(np.squeeze(image), cmap="gray", vmin=0, vmax=255)
+        ax_overlay.imshow(heatmap, cmap="jet", vmin=0, vmax=1, alpha=0.4)
+        ax_overlay.set_title("Grad-CAM", fontsize=7)
     fig.suptitle(title if len(images) else f"{title}: none", fontsize=10)
+    _save(fig, png_path)
+
+
+def gradcam_summary(groups: dict, box: tuple[int, int, int, int], png_path: Path) -> None:
+    """Mean Grad-CAM per group (name -> (N, H, W) heatmaps), with the box used for heat_outside_lung."""
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 4.3), squeeze=False)
+    top, bottom, left, right = box
+    for ax, (name, maps) in zip(axes.flat, groups.items()):
+        ax.axis("off")
+        if len(maps) == 0:
+            ax.set_title(f"{name}: none", fontsize=9)
+            continue
+        ax.imshow(maps.mean(axis=0), cmap="jet", vmin=0, vmax=1)
+        ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False, ec="white", ls="--"))
+        ax.set_title(f"{name} (n={len(maps)})", fontsize=9)
+    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), ax=axes.ravel().tolist(), shrink=0.8)
+    fig.suptitle("Mean Grad-CAM of the pneumonia logit (dashed: lung box)", fontsize=10)
     _save(fig, png_path)

@@ -1,20 +1,22 @@
-"""Stage 6: the most confident mistakes and random test samples, as image grids and a CSV."""
+"""Stage 6: the most confident mistakes and random test samples with Grad-CAM, as image grids and a CSV."""
 import json
 from pathlib import Path
 
-from pneumonia import data, errors_report, stage
+from pneumonia import data, errors_report, model, stage
 
 RESIZED_DIR = Path("data/resized")
+FINAL_MODEL = Path("models/model.keras")
 
 
 def main(params):
     threshold = json.loads(Path("metrics/metrics.json").read_text())["test"]["threshold"]
     images, _ = data.load_split(RESIZED_DIR, "test")
     counts = errors_report.write(
-        images, Path("metrics/predictions.csv"), threshold, params.error_analysis.cases, params.seed,
-        Path("plots/errors"), Path("reports/errors.csv"),
+        images, model.load(FINAL_MODEL), Path("metrics/predictions.csv"), threshold, params.error_analysis.cases,
+        params.seed, Path("plots/errors"), Path("reports/errors.csv"),
     )
-    print(f"error_analysis: at threshold {threshold}: {counts['fn']} false negatives, {counts['fp']} false positives", flush=True)
+    print(f"error_analysis: at threshold {threshold}: {counts['fn']} false negatives, {counts['fp']} false positives; "
+          f"Grad-CAM for {counts['gradcam']} images", flush=True)
 
 
 if __name__ == "__main__":

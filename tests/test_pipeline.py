@@ -1,9 +1,14 @@
 """The real DVC CLI on a temporary git copy of the project, tiny settings, synthetic data."""
+import csv
+import io
 import json
 import re
+import sys
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc", "loss",
                "tp", "fp", "tn", "fn", "threshold"}
@@ -31,13 +36,19 @@ def test_repro_experiments_metrics_and_plots(repo):
     predictions = (p / "metrics/predictions.csv").read_text().splitlines()
     assert predictions[0] == "split,index,label,probability,calibrated_probability" and len(predictions) == 1 + 524 + 624
     for png in ("figures/roc.png", "figures/confusion_matrix.png", "figures/precision_recall.png", "figures/reliability.png",
-                "errors/false_negatives.png", "errors/false_positives.png", "errors/random_samples.png"):
+                "errors/false_negatives.png", "errors/false_positives.png", "errors/random_samples.png",
+                "errors/gradcam_summary.png"):
         assert (p / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    with open(p / "reports/errors.csv", newline="") as f:
+        errors = list(csv.DictReader(f))
+    assert errors and "heat_outside_lung" in errors[0] and any(r["heat_outside_lung"] for r in errors)
     card = (p / "reports/model_card.md").read_text()
     assert str(metrics["test"]["threshold"]) in card and "Known limitations" in card
     assert json.loads((p / "dvclive/train_head/metrics.json").read_text())["step"] == 0
     assert (p / "models/model.keras").stat().st_size > 1_000_000
     assert "models/model.keras" not in repo.git("ls-files").stdout  # a DVC output, not a git file
+
+    _predict_new_files(repo)
 
     shown = json.loads(repo.dvc("metrics", "show", "--json").stdout)
     workspace = shown[""]["data"]["metrics/metrics.json"]["data"]  # "" is the workspace
@@ -76,10 +87,38 @@ def test_repro_experiments_metrics_and_plots(repo):
     for wanted in ("ROC", "Precision-Recall", "Confusion", "Calibration"):
         assert wanted in ids, ids
     assert any(i.endswith("confusion_matrix.png") for i in ids)
+    assert "plots/errors/gradcam_summary.png" in ids
     assert any("dvclive/fine_tune/plots/metrics" in i for i in ids)
     assert plots["ROC"][0]["type"] == "vega"
     roc_points = plots["ROC"][0]["content"]["data"]["values"]
     assert len(roc_points) > 2 and all(0 <= r["fpr"] <= 1 and 0 <= r["tpr"] <= 1 for r in roc_points)
+
+
+def _predict_new_files(repo):
+    """pneumonia.predict with the trained model: two test images as PNGs, one broken file."""
+    with np.load(repo.path / "data/raw/pneumoniamnist.npz") as npz:
+        images = npz["test_images"][:2]
+    outside = repo.path.parent  # not in the git checkout
+    pngs = [outside / f"test{i}.png" for i in range(2)]
+    for png, image in zip(pngs, images):
+        Image.fromarray(image).save(png)
+    broken = outside / "broken.png"
+    broken.write_bytes(b"not a PNG at all")
+    proc = repo.run(sys.executable, "-m", "pneumonia.predict", *map(str, [*pngs, broken]), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert [r["file"] for r in rows] == list(map(str, [*pngs, broken]))
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and str(broken) in error_lines[0]
+    assert rows[2]["error"] and rows[2]["probability"] == ""
+    # Same preprocessing and calibration as the pipeline: the evaluate stage's probabilities (6 decimals in the CSV).
+    with open(repo.path / "metrics/predictions.csv", newline="") as f:
+        expected = [float(r["calibrated_probability"]) for r in csv.DictReader(f) if r["split"] == "test"][:2]
+    threshold = json.loads((repo.path / "metrics/metrics.json").read_text())["test"]["threshold"]
+    for row, probability in zip(rows[:2], expected):
+        assert row["error"] == "" and float(row["threshold"]) == threshold
+        assert float(row["probability"]) == pytest.approx(probability, abs=2e-6)
+        assert row["decision"] == ("pneumonia" if float(row["probability"]) >= threshold else "normal")
 
 
 def test_bad_input_stops_with_one_line_and_no_output(repo):

@@ -1,0 +1,152 @@
+import csv
+import io
+import json
+import sys
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.special import expit
+
+import synthetic
+from conftest import ROOT
+from pneumonia import model as model_lib
+from pneumonia import predict, train
+from pneumonia.data import resize_images
+
+SIZE = 32
+TEMPERATURE = 2.0
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny saved model and a metrics.json with a non-trivial temperature."""
+    root = tmp_path_factory.mktemp("trained")
+    keras.utils.set_random_seed(0)
+    train.save(model_lib.build(SIZE, "none", dropout=0.2), root / "model.keras")
+    (root / "metrics.json").write_text(json.dumps({"test": {"threshold": 0.5}, "calibration": {"temperature": TEMPERATURE}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    return synthetic.make_arrays()["test_images"][:6]
+
+
+def _run(trained, capsys, *args):
+    """predict.main with the tiny model; returns (exit status, CSV rows, stderr lines)."""
+    status = predict.main([*map(str, args), "--model", str(trained / "model.keras"), "--metrics",
+                           str(trained / "metrics.json"), "--params", str(ROOT / "params.yaml")])
+    out, err = capsys.readouterr()
+    return status, list(csv.DictReader(io.StringIO(out))), err.splitlines()
+
+
+def _png(path, image):
+    Image.fromarray(image).save(path)
+    return path
+
+
+def test_png_from_the_npz_gives_the_pipelines_array_and_probability(trained, test_images, tmp_path, capsys):
+    pngs = [_png(tmp_path / f"test{i}.png", test_images[i]) for i in (0, 5)]
+    pipeline = resize_images(test_images, SIZE, "bilinear")[..., None]  # the resize stage; params.yaml says bilinear
+    for png, i in zip(pngs, (0, 5)):
+        source = predict.to_source_resolution(predict.read_gray(png))
+        np.testing.assert_array_equal(predict.preprocess(source[None], SIZE, "bilinear")[0], pipeline[i])
+
+    npz = tmp_path / "images.npz"
+    np.savez(npz, test_images=test_images, test_labels=np.zeros((6, 1), np.uint8))
+    status, rows, err = _run(trained, capsys, *pngs, npz)
+    assert status == 0 and err == []
+    by_file = {r["file"]: r for r in rows}
+    assert len(rows) == 2 + 6
+    # The evaluate stage's calibrated probability: sigmoid(logit / T) on the pipeline's array.
+    logits = model_lib.logits_model(model_lib.load(trained / "model.keras")).predict(pipeline, verbose=0).reshape(-1)
+    for png, i in zip(pngs, (0, 5)):
+        from_png, from_npz = by_file[str(png)], by_file[f"{npz}[test/{i}]"]
+        assert from_png["probability"] == from_npz["probability"]
+        assert float(from_png["probability"]) == pytest.approx(expit(logits[i] / TEMPERATURE), abs=2e-6)
+        assert from_png["decision"] == ("pneumonia" if float(from_png["probability"]) >= 0.5 else "normal")
+        assert from_png["threshold"] == "0.5" and from_png["error"] == ""
+
+
+def test_large_non_square_image_is_center_cropped_to_28(tmp_path):
+    image = np.full((300, 400, 3), 255, np.uint8)  # white side bands, 50 px each
+    image[:, 50:350] = 100
+    gray = predict.read_gray(_png(tmp_path / "wide.png", image))
+    source = predict.to_source_resolution(gray)
+    assert source.shape == (28, 28) and np.all(source == 100)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 4000, 28 * 28).reshape(28, 28).astype(np.uint16)
+    gray = predict.read_gray(_png(tmp_path / "deep.png", ramp))
+    assert gray.dtype == np.uint8 and gray.min() == 0 and gray.max() == 255 and len(np.unique(gray)) > 200
+
+
+def _bad_file(directory, case):
+    path = directory / case.replace(" ", "_")
+    if case == "not an image":
+        path.write_text("this is a text file\n")
+    elif case == "truncated PNG":
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200), dtype=np.uint8)).save(path, format="png")
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif case == "zero bytes":
+        path.write_bytes(b"")
+    elif case == "directory":
+        path.mkdir()
+    elif case == "DICOM without pydicom":
+        path.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    return path  # "missing": never created
+
+
+BAD_CASES = {
+    "not an image": "not a readable image",
+    "truncated PNG": "truncated",
+    "zero bytes": "empty (0 bytes)",
+    "directory": "is a directory",
+    "missing": "no such file",
+    "DICOM without pydicom": "needs pydicom",
+}
+
+
+def test_each_bad_file_gets_one_error_line_and_row_and_the_others_are_predicted(trained, test_images, tmp_path,
+                                                                                capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # as where pydicom is not installed
+    good = [_png(tmp_path / f"good{i}.png", test_images[i]) for i in (0, 1)]
+    bad = {case: _bad_file(tmp_path, case) for case in BAD_CASES}
+    status, rows, err = _run(trained, capsys, good[0], *bad.values(), good[1])  # one model load for all cases
+    assert status == 1
+    assert [r["file"] for r in rows] == list(map(str, [good[0], *bad.values(), good[1]]))
+    for row in (rows[0], rows[-1]):
+        assert row["probability"] and row["decision"] and row["error"] == ""
+    assert len(err) == len(BAD_CASES)
+    for (case, path), line, row in zip(bad.items(), err, rows[1:-1]):
+        assert line.startswith(f"error: {path}: ") and BAD_CASES[case] in line, (case, line)
+        assert row["probability"] == row["decision"] == "" and BAD_CASES[case] in row["error"], (case, row)
+
+
+@pytest.mark.parametrize("missing", ["model", "metrics"])
+def test_missing_model_or_metrics_is_one_line_and_exit_1(missing, trained, test_images, tmp_path, capsys):
+    paths = {"model": trained / "model.keras", "metrics": trained / "metrics.json", missing: tmp_path / f"no-{missing}"}
+    status = predict.main([str(_png(tmp_path / "good.png", test_images[0])), "--model", str(paths["model"]),
+                           "--metrics", str(paths["metrics"]), "--interpolation", "bilinear"])
+    out, err = capsys.readouterr()
+    assert status == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"error: {missing}: ") and f"no-{missing}" in err
+
+
+def test_json_output_file_and_gradcam_overlays(trained, test_images, tmp_path, capsys):
+    good = _png(tmp_path / "good.png", test_images[1])
+    out = tmp_path / "out.json"
+    status = predict.main([str(good), str(tmp_path / "missing.png"), "--json", "--output", str(out), "--gradcam",
+                           str(tmp_path / "cams"), "--model", str(trained / "model.keras"),
+                           "--metrics", str(trained / "metrics.json"), "--interpolation", "bilinear"])
+    assert status == 1 and capsys.readouterr().out == ""
+    rows = json.loads(out.read_text())
+    assert [set(r) for r in rows] == [set(predict.FIELDS)] * 2
+    assert 0 < rows[0]["probability"] < 1 and rows[0]["error"] is None
+    assert rows[1]["probability"] is None and rows[1]["error"] == "no such file"
+    assert [p.name for p in (tmp_path / "cams").iterdir()] == ["0001_good.png"]
+    assert (tmp_path / "cams" / "0001_good.png").read_bytes()[:8] == PNG_MAGIC
