@@ -66,7 +66,7 @@ def render(result: dict, params, provenance: dict) -> str:
         *[f"| {split} | {c['normal']} | {c['pneumonia']} |" for split, c in counts.items()],
         "",
         "## Operating threshold",
-        f"**{test['threshold']}** on the {'calibrated ' if params.evaluate.calibration == 'temperature' else ''}probability, chosen on the "
+        f"**{test['threshold']:.4f}** on the {'calibrated ' if params.evaluate.calibration == 'temperature' else ''}probability, chosen on the "
         f"validation split only: {_threshold_text(params)}. On validation it gives sensitivity {_pct(val['recall'])} and "
         f"specificity {_pct(val['specificity'])}. The test split was never used to choose it.",
         "",
@@ -75,7 +75,7 @@ def render(result: dict, params, provenance: dict) -> str:
         + (f"95% confidence intervals from a stratified bootstrap ({params.evaluate.bootstrap.samples} resamples)."
            if params.evaluate.bootstrap.samples else "No bootstrap intervals (evaluate.bootstrap.samples is 0)."),
         "",
-        f"| metric | at threshold {test['threshold']} | 95% CI | at 0.5, uncalibrated (as the reference notebook) |",
+        f"| metric | at threshold {test['threshold']:.4f} | 95% CI | at 0.5, uncalibrated (as the reference notebook) |",
         "|---|---|---|---|",
     ]
     for name, key in ROWS:

@@ -15,7 +15,7 @@ def main(params):
         images, model.load(FINAL_MODEL), Path("metrics/predictions.csv"), threshold, params.error_analysis.cases,
         params.seed, Path("plots/errors"), Path("reports/errors.csv"),
     )
-    print(f"error_analysis: at threshold {threshold}: {counts['fn']} false negatives, {counts['fp']} false positives; "
+    print(f"error_analysis: at threshold {threshold:.4f}: {counts['fn']} false negatives, {counts['fp']} false positives; "
           f"Grad-CAM for {counts['gradcam']} images", flush=True)
 
 

@@ -18,7 +18,7 @@ def main(params):
     provenance = json.loads(Path("data/raw/provenance.json").read_text())
     card.write(Path("reports/model_card.md"), result, params, provenance)
     t = result["test"]
-    print(f"evaluate: threshold {t['threshold']}: sensitivity {t['recall']}, specificity {t['specificity']}, "
+    print(f"evaluate: threshold {t['threshold']:.4f}: sensitivity {t['recall']}, specificity {t['specificity']}, "
           f"F1 {t['f1']}, ROC AUC {t['roc_auc']} (FP {t['fp']}, FN {t['fn']})", flush=True)
 
 

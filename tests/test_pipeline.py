@@ -43,7 +43,7 @@ def test_repro_experiments_metrics_and_plots(repo):
         errors = list(csv.DictReader(f))
     assert errors and "heat_outside_lung" in errors[0] and any(r["heat_outside_lung"] for r in errors)
     card = (p / "reports/model_card.md").read_text()
-    assert str(metrics["test"]["threshold"]) in card and "Known limitations" in card
+    assert f"{metrics['test']['threshold']:.4f}" in card and "Known limitations" in card
     assert json.loads((p / "dvclive/train_head/metrics.json").read_text())["step"] == 0
     assert (p / "models/model.keras").stat().st_size > 1_000_000
     assert "models/model.keras" not in repo.git("ls-files").stdout  # a DVC output, not a git file
