@@ -58,7 +58,7 @@ def write_predictions(path: Path, labels: dict, raw: dict, calibrated: dict) -> 
     writer.writerow(["split", "index", "label", "probability", "calibrated_probability"])
     for split in ("val", "test"):
         for i, (y, p, c) in enumerate(zip(labels[split], raw[split], calibrated[split])):
-            writer.writerow([split, i, int(y), f"{p:.6f}", f"{c:.6f}"])
+            writer.writerow([split, i, int(y), repr(float(p)), repr(float(c))])  # exact: error_analysis decides on these
     write_text(path, out.getvalue())
 
 

@@ -188,7 +188,7 @@ def _render(entries: list[Entry], threshold: float, as_json: bool) -> str:
     writer = csv.DictWriter(out, FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if v is None else (f"{v:.6f}" if k == "probability" else v) for k, v in row.items()})
+        writer.writerow({k: "" if v is None else (repr(v) if k == "probability" else v) for k, v in row.items()})
     return out.getvalue()
 
 
@@ -234,8 +234,7 @@ def main(argv=None) -> int:
         images = preprocess(np.stack([e.pixels for _, e in good]), net.input_shape[1], interpolation)
         logits = model_lib.logits_model(net).predict(images, batch_size=32, verbose=0).reshape(-1).astype("float64")
         for (_, entry), probability in zip(good, expit(logits / temperature)):
-            # Rounded before the decision, so that each row's decision follows from the probability it shows.
-            entry.probability = round(float(probability), 6)
+            entry.probability = float(probability)  # printed exactly, so the decision follows from what is shown
         if args.gradcam:
             for (row, entry), image, heatmap in zip(good, images, gradcam.heatmaps(net, images)):
                 caption = f"{entry.name}\np={entry.probability:.3f} ({_decision(entry.probability, threshold)})"

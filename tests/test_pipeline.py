@@ -111,13 +111,13 @@ def _predict_new_files(repo):
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and str(broken) in error_lines[0]
     assert rows[2]["error"] and rows[2]["probability"] == ""
-    # Same preprocessing and calibration as the pipeline: the evaluate stage's probabilities (6 decimals in the CSV).
+    # Same preprocessing and calibration as the pipeline: the evaluate stage's probabilities (batching may move the last bits).
     with open(repo.path / "metrics/predictions.csv", newline="") as f:
         expected = [float(r["calibrated_probability"]) for r in csv.DictReader(f) if r["split"] == "test"][:2]
     threshold = json.loads((repo.path / "metrics/metrics.json").read_text())["test"]["threshold"]
     for row, probability in zip(rows[:2], expected):
         assert row["error"] == "" and float(row["threshold"]) == threshold
-        assert float(row["probability"]) == pytest.approx(probability, abs=2e-6)
+        assert float(row["probability"]) == pytest.approx(probability, abs=1e-6)
         assert row["decision"] == ("pneumonia" if float(row["probability"]) >= threshold else "normal")
 
 
