@@ -174,17 +174,31 @@ def _cache_both(prefix, train, val, dtype: str, label: str):
     return [cache_activations(prefix, x, dtype, name) for (x, _), name in ((train, "train"), (val, "val"))]
 
 
-def train_head(model: keras.Model, train, val, **fit_args) -> dict:
+def _split(model: keras.Model, block: str | None, runtime: Runtime):
+    """(prefix, trainable part); only the trainable part is made under the distribution strategy.
+
+    A Keras model trains under the strategy it was created in, so the trainable part is made in its
+    scope. The frozen prefix is made outside it and runs on one device: under a strategy Keras 3's
+    predict_on_batch hands every replica the whole batch and concatenates the copies.
+    """
+    prefix, _ = model_lib.split(model, block)
+    with runtime.scope():
+        _, trainable = model_lib.split(model, block)
+    return prefix, trainable
+
+
+def train_head(model: keras.Model, train, val, *, runtime: Runtime, **fit_args) -> dict:
     """Phase 1: the whole backbone frozen; the head trains on pooled features computed once."""
     model_lib.set_trainable(model, None, train_batchnorm=False)
-    prefix, head = model_lib.split(model, None)
+    prefix, head = _split(model, None, runtime)
     features = _cache_both(prefix, train, val, "float32", "train_head")
-    return fit(head, (features[0], train[1]), (features[1], val[1]), **fit_args)
+    return fit(head, (features[0], train[1]), (features[1], val[1]), runtime=runtime, **fit_args)
 
 
-def fine_tune(model: keras.Model, train, val, *, block, train_batchnorm, cache_dtype, **fit_args) -> dict:
+def fine_tune(model: keras.Model, train, val, *, block, train_batchnorm, cache_dtype, runtime: Runtime,
+              **fit_args) -> dict:
     """Phase 2: layers from `block` up train; the prefix before it runs once per image."""
     model_lib.set_trainable(model, block, train_batchnorm=train_batchnorm)
-    prefix, suffix = model_lib.split(model, block)
+    prefix, suffix = _split(model, block, runtime)
     acts = _cache_both(prefix, train, val, cache_dtype, "fine_tune")
-    return fit(suffix, (acts[0], train[1]), (acts[1], val[1]), **fit_args)
+    return fit(suffix, (acts[0], train[1]), (acts[1], val[1]), runtime=runtime, **fit_args)
