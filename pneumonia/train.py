@@ -57,17 +57,20 @@ def _visible_gpus() -> int:
 def configure(seed: int, compute) -> Runtime:
     """Seeds, determinism and the GPU-only switches, all decided here and only here."""
     keras.utils.set_random_seed(seed)  # Python, NumPy and the backend
-    if keras.backend.backend() == "tensorflow":
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
     gpus = _visible_gpus()
     mixed = compute.mixed_precision == "on" or (compute.mixed_precision == "auto" and gpus > 0)
-    jit = compute.jit_compile == "on" or (compute.jit_compile == "auto" and gpus > 0)
+    # JAX without jit runs op by op, so auto means on there (as Keras's own default does).
+    jit = compute.jit_compile == "on" or (compute.jit_compile == "auto" and (gpus > 0 or backend == "jax"))
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     strategy = None
-    if compute.distribute == "mirrored" or (compute.distribute == "auto" and gpus > 1):
-        if keras.backend.backend() != "tensorflow":
+    # MirroredStrategy is TensorFlow's: auto uses it only there, other backends train on one device.
+    if compute.distribute == "mirrored" or (compute.distribute == "auto" and gpus > 1 and backend == "tensorflow"):
+        if backend != "tensorflow":
             raise PipelineError("params: compute.distribute=mirrored needs the TensorFlow backend; set it to none")
         import tensorflow as tf
 
@@ -126,6 +129,25 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     return {0: float(weights[0]), 1: float(weights[1])}
 
 
+class LiveMetrics(keras.callbacks.Callback):
+    """Each epoch's metrics to DVCLive under the names dvclive.keras.DVCLiveCallback uses (train/loss, eval/auc, ...).
+
+    DVCLiveCallback subclasses tf.keras.callbacks.Callback, which imports TensorFlow on every backend;
+    this one is plain Keras 3, so training under KERAS_BACKEND=jax does not need TensorFlow.
+    """
+
+    def __init__(self, live):
+        super().__init__()
+        self.live = live
+
+    def on_epoch_end(self, epoch, logs=None):
+        from dvclive.utils import standardize_metric_name
+
+        for name, value in (logs or {}).items():
+            self.live.log_metric(standardize_metric_name(name, "dvclive.keras"), value)
+        self.live.next_step()
+
+
 def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size, runtime: Runtime, live_dir,
         backup_dir: Path | None = None) -> dict:
     """Train `trainable` on (inputs, labels) pairs; restore the epoch with the best validation AUC.
@@ -134,7 +156,6 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
     (Keras BackupAndRestore); the folder is deleted when training completes.
     """
     from dvclive import Live
-    from dvclive.keras import DVCLiveCallback
 
     with runtime.scope():
         trainable.compile(
@@ -154,7 +175,7 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
         trainable.fit(
             train[0], train[1], validation_data=val, epochs=epochs, batch_size=batch_size,
             class_weight=class_weights(train[1]), shuffle=True, verbose=2,
-            callbacks=[*callbacks, DVCLiveCallback(live=live)],
+            callbacks=[*callbacks, LiveMetrics(live)],
         )
         summary = {"best_epoch": int(early.best_epoch) + 1, "best_val_auc": round(float(early.best), 4)}
         live.summary.update(summary)

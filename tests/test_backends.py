@@ -1,4 +1,4 @@
-"""Training beyond the default single-device TensorFlow run: MirroredStrategy.
+"""Training beyond the default single-device TensorFlow run: MirroredStrategy, and the JAX backend.
 
 Each case runs tests/tiny_training.py in a fresh process (both phases, 64 images, 32 px, 1 epoch).
 """
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 SCRIPT = Path(__file__).with_name("tiny_training.py")
 
@@ -33,3 +34,10 @@ def test_mirrored_strategy_trains_both_phases_on_two_devices(tmp_path):
     assert result["backend"] == "tensorflow" and result["replicas"] == 2
     _check_trained(result)
 
+
+def test_jax_backend_trains_both_phases_without_tensorflow(tmp_path):
+    pytest.importorskip("jax", reason="jax cannot be imported; pip install -r requirements-dev.txt")
+    result = _train(tmp_path, "--without-tensorflow", backend="jax")
+    assert result["backend"] == "jax" and result["replicas"] == 1
+    _check_trained(result)
+    assert not result["tensorflow_imported"]

@@ -1,12 +1,13 @@
 """Both training phases on a tiny model, in a fresh process; prints a JSON summary on the last line.
 
-    python tests/tiny_training.py [--cpus N] [--distribute none|mirrored]
+    python tests/tiny_training.py [--cpus N] [--distribute none|mirrored] [--without-tensorflow]
 
 Run in its own process because the backend (KERAS_BACKEND) and TensorFlow's logical devices
 (--cpus) must be chosen before either is initialised. Writes dvclive and checkpoint folders in the
 working directory.
 """
 import argparse
+import importlib.abc
 import json
 import sys
 from pathlib import Path
@@ -19,11 +20,22 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 SIZE, N = 32, 64
 
 
+class HideTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "tensorflow":
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by --without-tensorflow)", name=name)
+        return None
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpus", type=int, default=0, help="split the CPU into this many TensorFlow logical devices")
     parser.add_argument("--distribute", default="none", choices=["none", "mirrored"])
+    parser.add_argument("--without-tensorflow", action="store_true", help="run as if TensorFlow were not installed")
     args = parser.parse_args()
+
+    if args.without_tensorflow:
+        sys.meta_path.insert(0, HideTensorFlow())
 
     if args.cpus:
         import tensorflow as tf
@@ -66,6 +78,7 @@ def main():
         "logits_shape": list(logits.shape),
         "logits_finite": bool(np.isfinite(logits).all()),
         "probabilities_shape": list(probabilities.shape),
+        "tensorflow_imported": "tensorflow" in sys.modules,
     }))
 
 
