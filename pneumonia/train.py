@@ -57,17 +57,20 @@ def _visible_gpus() -> int:
 def configure(seed: int, compute) -> Runtime:
     """Seeds, determinism and the GPU-only switches, all decided here and only here."""
     keras.utils.set_random_seed(seed)  # Python, NumPy and the backend
-    if keras.backend.backend() == "tensorflow":
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
     gpus = _visible_gpus()
     mixed = compute.mixed_precision == "on" or (compute.mixed_precision == "auto" and gpus > 0)
-    jit = compute.jit_compile == "on" or (compute.jit_compile == "auto" and gpus > 0)
+    # JAX without jit runs op by op, so auto means on there (as Keras's own default does).
+    jit = compute.jit_compile == "on" or (compute.jit_compile == "auto" and (gpus > 0 or backend == "jax"))
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     strategy = None
-    if compute.distribute == "mirrored" or (compute.distribute == "auto" and gpus > 1):
-        if keras.backend.backend() != "tensorflow":
+    # MirroredStrategy is TensorFlow's: auto uses it only there, other backends train on one device.
+    if compute.distribute == "mirrored" or (compute.distribute == "auto" and gpus > 1 and backend == "tensorflow"):
+        if backend != "tensorflow":
             raise PipelineError("params: compute.distribute=mirrored needs the TensorFlow backend; set it to none")
         import tensorflow as tf
 
@@ -126,6 +129,25 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     return {0: float(weights[0]), 1: float(weights[1])}
 
 
+class LiveMetrics(keras.callbacks.Callback):
+    """Each epoch's metrics to DVCLive under the names dvclive.keras.DVCLiveCallback uses (train/loss, eval/auc, ...).
+
+    DVCLiveCallback subclasses tf.keras.callbacks.Callback, which imports TensorFlow on every backend;
+    this one is plain Keras 3, so training under KERAS_BACKEND=jax does not need TensorFlow.
+    """
+
+    def __init__(self, live):
+        super().__init__()
+        self.live = live
+
+    def on_epoch_end(self, epoch, logs=None):
+        from dvclive.utils import standardize_metric_name
+
+        for name, value in (logs or {}).items():
+            self.live.log_metric(standardize_metric_name(name, "dvclive.keras"), value)
+        self.live.next_step()
+
+
 def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size, runtime: Runtime, live_dir,
         backup_dir: Path | None = None) -> dict:
     """Train `trainable` on (inputs, labels) pairs; restore the epoch with the best validation AUC.
@@ -134,7 +156,6 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
     (Keras BackupAndRestore); the folder is deleted when training completes.
     """
     from dvclive import Live
-    from dvclive.keras import DVCLiveCallback
 
     with runtime.scope():
         trainable.compile(
@@ -154,7 +175,7 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
         trainable.fit(
             train[0], train[1], validation_data=val, epochs=epochs, batch_size=batch_size,
             class_weight=class_weights(train[1]), shuffle=True, verbose=2,
-            callbacks=[*callbacks, DVCLiveCallback(live=live)],
+            callbacks=[*callbacks, LiveMetrics(live)],
         )
         summary = {"best_epoch": int(early.best_epoch) + 1, "best_val_auc": round(float(early.best), 4)}
         live.summary.update(summary)
@@ -174,17 +195,31 @@ def _cache_both(prefix, train, val, dtype: str, label: str):
     return [cache_activations(prefix, x, dtype, name) for (x, _), name in ((train, "train"), (val, "val"))]
 
 
-def train_head(model: keras.Model, train, val, **fit_args) -> dict:
+def _split(model: keras.Model, block: str | None, runtime: Runtime):
+    """(prefix, trainable part); only the trainable part is made under the distribution strategy.
+
+    A Keras model trains under the strategy it was created in, so the trainable part is made in its
+    scope. The frozen prefix is made outside it and runs on one device: under a strategy Keras 3's
+    predict_on_batch hands every replica the whole batch and concatenates the copies.
+    """
+    prefix, _ = model_lib.split(model, block)
+    with runtime.scope():
+        _, trainable = model_lib.split(model, block)
+    return prefix, trainable
+
+
+def train_head(model: keras.Model, train, val, *, runtime: Runtime, **fit_args) -> dict:
     """Phase 1: the whole backbone frozen; the head trains on pooled features computed once."""
     model_lib.set_trainable(model, None, train_batchnorm=False)
-    prefix, head = model_lib.split(model, None)
+    prefix, head = _split(model, None, runtime)
     features = _cache_both(prefix, train, val, "float32", "train_head")
-    return fit(head, (features[0], train[1]), (features[1], val[1]), **fit_args)
+    return fit(head, (features[0], train[1]), (features[1], val[1]), runtime=runtime, **fit_args)
 
 
-def fine_tune(model: keras.Model, train, val, *, block, train_batchnorm, cache_dtype, **fit_args) -> dict:
+def fine_tune(model: keras.Model, train, val, *, block, train_batchnorm, cache_dtype, runtime: Runtime,
+              **fit_args) -> dict:
     """Phase 2: layers from `block` up train; the prefix before it runs once per image."""
     model_lib.set_trainable(model, block, train_batchnorm=train_batchnorm)
-    prefix, suffix = model_lib.split(model, block)
+    prefix, suffix = _split(model, block, runtime)
     acts = _cache_both(prefix, train, val, cache_dtype, "fine_tune")
-    return fit(suffix, (acts[0], train[1]), (acts[1], val[1]), **fit_args)
+    return fit(suffix, (acts[0], train[1]), (acts[1], val[1]), runtime=runtime, **fit_args)

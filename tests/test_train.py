@@ -1,3 +1,5 @@
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -66,3 +68,33 @@ def test_resource_check_refuses_a_cache_that_cannot_fit():
 def test_class_weights_balance_the_classes():
     weights = train.class_weights(np.array([0] * 25 + [1] * 75))
     assert weights[0] * 25 == pytest.approx(weights[1] * 75)
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_configure_picks_distribution_and_xla_per_backend(monkeypatch, backend):
+    """Two GPUs, as configure() sees them: auto mirrors only on TensorFlow; auto XLA is on for JAX."""
+    monkeypatch.setattr(keras.backend, "backend", lambda: backend)
+    monkeypatch.setattr(train, "_visible_gpus", lambda: 2)
+    monkeypatch.setattr(keras.mixed_precision, "set_global_policy", lambda policy: None)  # leave this process's policy
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        monkeypatch.setattr(tf.distribute, "MirroredStrategy", lambda: "mirrored")
+    runtime = train.configure(0, ComputeParams())
+    assert runtime.jit_compile and runtime.mixed_precision  # auto: on with GPUs
+    assert runtime.strategy == ("mirrored" if backend == "tensorflow" else None)
+    assert train.configure(0, ComputeParams(distribute="none")).strategy is None
+    if backend == "jax":
+        with pytest.raises(PipelineError, match="needs the TensorFlow backend"):
+            train.configure(0, ComputeParams(distribute="mirrored"))
+        monkeypatch.setattr(train, "_visible_gpus", lambda: 0)
+        assert train.configure(0, ComputeParams()).jit_compile  # JAX compiles even on CPU
+
+
+def test_live_metrics_uses_dvclive_keras_names(tmp_path):
+    from dvclive import Live
+
+    with Live(dir=str(tmp_path), dvcyaml=False, save_dvc_exp=False) as live:
+        train.LiveMetrics(live).on_epoch_end(0, {"loss": 0.5, "auc": 0.75, "val_loss": 0.25, "val_auc": 1.0})
+    logged = json.loads((tmp_path / "metrics.json").read_text())
+    assert logged["train"] == {"loss": 0.5, "auc": 0.75} and logged["eval"] == {"loss": 0.25, "auc": 1.0}

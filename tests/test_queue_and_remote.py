@@ -1,0 +1,79 @@
+"""The README's scaling commands through the real DVC CLI: a queued sweep, and a remote shared with a clone.
+
+One baseline `dvc repro`, committed with its dvc.lock, serves both tests: queued experiments start from
+the committed state and take download and resize from the cache.
+"""
+import json
+import re
+import time
+
+import pytest
+
+from conftest import Repo, make_repo
+
+QUEUE_DEADLINE_S = 900
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, synthetic_npz) -> Repo:
+    repo = make_repo(tmp_path_factory.mktemp("scale"), synthetic_npz)
+    repo.dvc("repro")
+    repo.git("add", "-A")
+    repo.git("commit", "-qm", "baseline run")
+    return repo
+
+
+def _wait_for_queue(repo: Repo) -> str:
+    """Poll `dvc queue status` until no task is queued or running and the worker has exited."""
+    deadline = time.monotonic() + QUEUE_DEADLINE_S
+    while True:
+        status = repo.dvc("queue", "status").stdout
+        if not re.search(r"\b(Queued|Running)\b", status) and "Worker status: 0 active, 0 idle" in status:
+            return status
+        assert time.monotonic() < deadline, f"queue still busy after {QUEUE_DEADLINE_S} s:\n{status}"
+        time.sleep(5)
+
+
+def _experiments(shown: list) -> dict[str, dict]:
+    """{experiment name: its `data`} from `dvc exp show --json` (baseline rows excluded)."""
+    found = {}
+    for baseline_row in shown:
+        for exp in baseline_row.get("experiments") or []:
+            row = exp["revs"][0]
+            found[row["name"]] = row["data"]
+    return found
+
+
+def test_queued_sweep_runs_every_value(baseline):
+    out = baseline.dvc("exp", "run", "--queue", "-S", "lr=1e-3,1e-5").stdout
+    assert out.count("Queueing with overrides") == 2, out
+    baseline.dvc("queue", "start", "--jobs", "1")
+    status = _wait_for_queue(baseline)
+    assert status.count("Success") == 2, status
+
+    experiments = _experiments(json.loads(baseline.dvc("exp", "show", "--json").stdout))
+    by_lr = {exp["params"]["params.yaml"]["data"]["lr"]: exp for exp in experiments.values()}
+    assert set(by_lr) == {1e-3, 1e-5}, experiments.keys()
+    losses = set()
+    for exp in by_lr.values():
+        test = exp["metrics"]["metrics/metrics.json"]["data"]["test"]
+        assert 0 <= test["roc_auc"] <= 1 and test["tp"] + test["fn"] + test["tn"] + test["fp"] == 624
+        losses.add(test["loss"])
+    assert len(losses) == 2  # a 100x different head lr trains a different model (AUC alone saturates here)
+    assert "lr: 0.0001" in (baseline.path / "params.yaml").read_text()  # the workspace is untouched
+
+
+def test_remote_push_then_clone_and_pull_restores_models(baseline, tmp_path):
+    remote = tmp_path / "remote"
+    baseline.dvc("remote", "add", "-d", "store", str(remote))
+    baseline.git("commit", "-qam", "DVC remote")
+    baseline.dvc("push")
+    assert any(p.is_file() for p in remote.rglob("*"))
+
+    clone = Repo(tmp_path / "clone")
+    baseline.git("clone", "-q", str(baseline.path), str(clone.path))
+    assert not (clone.path / "models/model.keras").exists()
+    clone.dvc("pull")
+    for name in ("models/model.keras", "models/head.keras"):
+        assert (clone.path / name).read_bytes() == (baseline.path / name).read_bytes(), name
+    assert "up to date" in clone.dvc("status").stdout
