@@ -58,14 +58,16 @@ def configure(seed: int, compute) -> Runtime:
     """Seeds, determinism and the GPU-only switches, all decided here and only here."""
     keras.utils.set_random_seed(seed)  # Python, NumPy and the backend
     backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
     gpus = _visible_gpus()
     mixed = compute.mixed_precision == "on" or (compute.mixed_precision == "auto" and gpus > 0)
     # JAX without jit runs op by op, so auto means on there (as Keras's own default does).
     jit = compute.jit_compile == "on" or (compute.jit_compile == "auto" and (gpus > 0 or backend == "jax"))
+    if backend == "tensorflow" and not jit:
+        # Keras silently drops XLA when op determinism is on, so it is one or the other:
+        # bit-identical reruns without XLA (the CPU default), XLA speed with it (the GPU default).
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     strategy = None
     # MirroredStrategy is TensorFlow's: auto uses it only there, other backends train on one device.
