@@ -90,3 +90,22 @@ def make_repo(tmp: Path, source: Path, extra: dict | None = None) -> Repo:
 @pytest.fixture
 def repo(tmp_path, synthetic_npz) -> Repo:
     return make_repo(tmp_path, synthetic_npz)
+
+
+@pytest.fixture(scope="session")
+def trained_template(tmp_path_factory, synthetic_npz) -> Repo:
+    """One tiny `dvc repro`, committed with its dvc.lock, for every test that needs a trained project."""
+    repo = make_repo(tmp_path_factory.mktemp("trained"), synthetic_npz)
+    repo.repro_output = repo.dvc("repro").stdout
+    repo.git("add", "-A")
+    repo.git("commit", "-qm", "baseline run")
+    return repo
+
+
+@pytest.fixture
+def trained_repo(tmp_path, trained_template) -> Repo:
+    """A private copy of the trained project (git history, DVC cache and outputs), free to change."""
+    shutil.copytree(trained_template.path, tmp_path / "project", symlinks=True)
+    repo = Repo(tmp_path / "project")
+    repo.repro_output = trained_template.repro_output
+    return repo

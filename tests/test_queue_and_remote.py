@@ -1,26 +1,15 @@
 """The README's scaling commands through the real DVC CLI: a queued sweep, and a remote shared with a clone.
 
-One baseline `dvc repro`, committed with its dvc.lock, serves both tests: queued experiments start from
-the committed state and take download and resize from the cache.
+Both start from the trained baseline (committed with its dvc.lock): queued experiments start from the
+committed state and take download and resize from the cache.
 """
 import json
 import re
 import time
 
-import pytest
-
-from conftest import Repo, make_repo
+from conftest import Repo
 
 QUEUE_DEADLINE_S = 900
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, synthetic_npz) -> Repo:
-    repo = make_repo(tmp_path_factory.mktemp("scale"), synthetic_npz)
-    repo.dvc("repro")
-    repo.git("add", "-A")
-    repo.git("commit", "-qm", "baseline run")
-    return repo
 
 
 def _wait_for_queue(repo: Repo) -> str:
@@ -44,7 +33,8 @@ def _experiments(shown: list) -> dict[str, dict]:
     return found
 
 
-def test_queued_sweep_runs_every_value(baseline):
+def test_queued_sweep_runs_every_value(trained_repo):
+    baseline = trained_repo
     out = baseline.dvc("exp", "run", "--queue", "-S", "lr=1e-3,1e-5").stdout
     assert out.count("Queueing with overrides") == 2, out
     baseline.dvc("queue", "start", "--jobs", "1")
@@ -63,7 +53,8 @@ def test_queued_sweep_runs_every_value(baseline):
     assert "lr: 0.0001" in (baseline.path / "params.yaml").read_text()  # the workspace is untouched
 
 
-def test_remote_push_then_clone_and_pull_restores_models(baseline, tmp_path):
+def test_remote_push_then_clone_and_pull_restores_models(trained_repo, tmp_path):
+    baseline = trained_repo
     remote = tmp_path / "remote"
     baseline.dvc("remote", "add", "-d", "store", str(remote))
     baseline.git("commit", "-qam", "DVC remote")

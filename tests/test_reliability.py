@@ -11,8 +11,8 @@ def _outputs(repo):
     return {name: (repo.path / name).read_bytes() for name in ("metrics/metrics.json", "metrics/predictions.csv")}
 
 
-def test_reruns_are_byte_identical_and_a_killed_stage_leaves_nothing_partial(repo):
-    repo.dvc("repro")
+def test_reruns_are_byte_identical_and_a_killed_stage_leaves_nothing_partial(trained_repo):
+    repo = trained_repo
     first = _outputs(repo)
 
     # Rerun everything, and kill fine_tune mid-epoch (SIGTERM, then SIGKILL if it lingers).
