@@ -121,12 +121,20 @@ def _predict_new_files(repo):
 
 
 def test_bad_input_stops_with_one_line_and_no_output(repo):
-    repo.set_params({"data": {"source": str(repo.path / "missing.npz")}})
-    proc = repo.dvc("repro", "download", check=False)
-    assert proc.returncode != 0
-    assert "error: data:" in proc.stderr and "missing.npz does not exist" in proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert not (repo.path / "data/raw/pneumoniamnist.npz").exists()
+    repo.dvc("repro", "download")
+    raw = repo.path / "data/raw/pneumoniamnist.npz"
+    good = raw.read_bytes()
+
+    broken = repo.path.parent / "broken.npz"
+    broken.write_bytes(good[: len(good) // 2])
+    for source, message in ((repo.path / "missing.npz", "missing.npz does not exist"), (broken, "is truncated")):
+        repo.set_params({"data": {"source": str(source)}})
+        proc = repo.dvc("repro", "download", check=False)
+        assert proc.returncode != 0
+        assert "error: data:" in proc.stderr and message in proc.stderr
+        assert "Traceback" not in proc.stderr + proc.stdout
+        assert raw.read_bytes() == good  # the data already there is untouched
+        assert sorted(p.name for p in raw.parent.iterdir()) == ["pneumoniamnist.npz", "provenance.json"]
 
     repo.set_params({"lr": -0.1})
     proc = repo.run("python", "-m", "stages.train_head", check=False)
