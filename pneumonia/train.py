@@ -173,6 +173,8 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
             done = json.loads((Path(backup_dir) / "training_metadata.json").read_text()).get("epoch", 0)
             print(f"  resuming an interrupted run after epoch {done} from {backup_dir}", flush=True)
         callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch", delete_checkpoint=True))
+    print(f"  training {len(trainable.trainable_weights)} weight tensors for up to {epochs} epochs on "
+          f"{len(train[1])} images ({len(val[1])} for validation)", flush=True)
     with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         trainable.fit(
             train[0], train[1], validation_data=val, epochs=epochs, batch_size=batch_size,

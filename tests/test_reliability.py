@@ -21,9 +21,9 @@ def test_reruns_are_byte_identical_and_a_killed_stage_leaves_nothing_partial(tra
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if "Running stage 'fine_tune'" in "".join(seen) and line.startswith("Epoch 1/"):
+        if "Running stage 'fine_tune'" in "".join(seen) and "  training " in line:
             break
-    time.sleep(2)  # inside the first epoch (about 20 s at these settings)
+    time.sleep(3)  # inside the first epoch (about 20 s at these settings)
     # Only this repo's stage: the python process under this dvc, not its shell wrapper.
     stage = [p for p in psutil.Process(proc.pid).children(recursive=True)
              if p.cmdline()[:3] == ["python", "-m", "stages.fine_tune"] or p.cmdline()[1:3] == ["-m", "stages.fine_tune"]]
