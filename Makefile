@@ -1,14 +1,16 @@
 # make run   - set up .venv, then run the pipeline (dvc repro)
 # make test  - set up .venv with test deps, then run the tests
 # make plots - write dvc_plots/index.html (or PLOTS_DIR=dir), a plots page that opens with no network
+# make bench - time the project's training against plain fit and the compute floor (BENCH_ARGS="--epochs 2" to shrink)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TF_VERSION := 2.21.0
 MEDMNIST_VERSION := 3.0.2
 PLOTS_DIR ?= dvc_plots
+BENCH_ARGS ?=
 
-.PHONY: run test plots setup clean-venv
+.PHONY: run test plots bench setup clean-venv
 
 $(VENV)/.runtime: requirements.txt Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed (set PYTHON=python3.x)")'
@@ -37,6 +39,9 @@ test: $(VENV)/.dev
 
 plots: $(VENV)/.runtime
 	$(BIN)/python -m pneumonia.plots_page $(PLOTS_DIR)
+
+bench: $(VENV)/.runtime
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -98,3 +98,30 @@ def test_live_metrics_uses_dvclive_keras_names(tmp_path):
         train.LiveMetrics(live).on_epoch_end(0, {"loss": 0.5, "auc": 0.75, "val_loss": 0.25, "val_auc": 1.0})
     logged = json.loads((tmp_path / "metrics.json").read_text())
     assert logged["train"] == {"loss": 0.5, "auc": 0.75} and logged["eval"] == {"loss": 0.25, "auc": 1.0}
+
+def test_fit_trains_on_the_batches_fit_makes_from_arrays(tmp_path):
+    """train.fit hands fit its own array pipeline (tf.data autotuning off): same batches, order and class weights."""
+    runtime = train.configure(0, ComputeParams())
+    x, _ = _data(0)
+    y = (x[:, 0] > -0.6).astype("int32")  # about 3:1, so the class weights matter
+    val = _data(1)
+    args = dict(lr=1e-2, epochs=3, patience=3, batch_size=16)
+
+    keras.utils.set_random_seed(3)
+    project = _head()
+    train.fit(project, (x, y), val, runtime=runtime, live_dir=tmp_path / "live", **args)
+
+    keras.utils.set_random_seed(3)
+    plain = _head()
+    plain.compile(optimizer=keras.optimizers.Adam(args["lr"]), loss=keras.losses.BinaryCrossentropy(),
+                  metrics=[keras.metrics.AUC(name="auc")])
+    early = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=3, restore_best_weights=True)
+    plain.fit(x, y, validation_data=val, epochs=3, batch_size=16, shuffle=True, class_weight=train.class_weights(y),
+              verbose=0, callbacks=[early])
+
+    for a, b in zip(project.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    if keras.backend.backend() == "tensorflow":
+        data = train._fit_data((x, y), val, 16)
+        assert not data["x"].options().autotune.enabled and not data["validation_data"].options().autotune.enabled
+        assert int(data["x"].cardinality()) == 4  # 64 images in batches of 16

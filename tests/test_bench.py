@@ -1,0 +1,67 @@
+"""make bench at tiny settings: every field of results.json is there and sane (no timing targets asserted)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 1
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_bench_runs_and_writes_every_field(tmp_path):
+    npz = synthetic.write(tmp_path / "synthetic.npz")
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--data", str(npz), "--out", str(out), "--image-size", "32",
+         "--train", "32", "--val", "16", "--epochs", str(EPOCHS), "--floor-epochs", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "speed-up b/a" in proc.stdout and "memory ESTIMATE" in proc.stdout
+
+    results = json.loads(out.read_text())
+    assert {"date", "command", "machine", "config", "phases", "targets", "targets_met", "memory_estimate_full_data",
+            "full_data_measurement"} <= set(results)
+    assert results["machine"]["cpus"] >= 1 and results["machine"]["backend"]
+    config = results["config"]
+    assert (config["image_size"], config["train_images"], config["val_images"], config["epochs"]) == (32, 32, 16, EPOCHS)
+    assert config["weights"] == "none"
+    # stratified: both classes in both subsets
+    for split in ("train", "val"):
+        assert 0 < config["subset"][split]["pneumonia"] < config["subset"][split]["images"]
+
+    assert set(results["phases"]) == {"phase1", "phase2"}
+    for phase in results["phases"].values():
+        for variant in ("a", "b"):
+            r = phase[variant]
+            for key in ("wall_s", "cpu_s", "images_per_s", "peak_rss_mib", "process_wall_s"):
+                assert _positive(r[key]), (variant, key, r[key])
+            assert r["other_processes_cpu_s"] >= 0 and r["other_processes_cores"] >= 0
+            assert 0.0 <= r["val_auc"] <= 1.0
+            assert 1 <= r["best_epoch"] <= EPOCHS
+            assert r["train_images"] == 32
+            assert abs(r["images_per_s"] - 32 * EPOCHS / r["wall_s"]) < 0.1
+        floor = phase["floor"]
+        for key in ("prefix_s", "prefix_cpu_s", "suffix_epoch_s", "suffix_epoch_cpu_s", "total_s", "total_cpu_s", "timed_wall_s"):
+            assert _positive(floor[key]), (key, floor[key])
+        assert floor["other_processes_cores"] >= 0
+        assert floor["epochs"] == EPOCHS
+        assert math.isclose(floor["total_s"], floor["prefix_s"] + floor["suffix_epoch_s"] * EPOCHS, rel_tol=1e-2, abs_tol=1e-2)
+        for key in ("speedup_b_over_a", "a_over_floor", "b_over_floor", "cpu_speedup_b_over_a", "cpu_a_over_floor"):
+            assert _positive(phase[key]), (key, phase[key])
+        assert 0.0 <= phase["val_auc_difference"] <= 1.0
+    assert results["phases"]["phase1"]["floor"]["activation_shape"] == [2048]
+    assert results["phases"]["phase2"]["floor"]["activation_dtype"] == "float16"
+
+    assert all(isinstance(v, bool) for v in results["targets_met"].values()) and len(results["targets_met"]) == 4
+    estimate = results["memory_estimate_full_data"]
+    assert "estimate" in estimate["label"]
+    assert estimate["images"] == 4708 + 524 and estimate["phase2_activation_shape"] == [14, 14, 1024]
+    assert estimate["phase2_cache_bytes"] == (4708 + 524) * 14 * 14 * 1024 * 2
