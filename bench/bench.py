@@ -468,8 +468,8 @@ def memory_estimate(s, image_size: int = 224) -> dict:
         "cache_dtype": s["cache_dtype"], "phase2_activation_shape": shape2, "phase2_cache_bytes": p2,
         "phase2_cache_gib": round(p2 / gib, 3), "phase1_feature_shape": shape1, "phase1_cache_bytes": p1,
         "phase1_cache_gib": round(p1 / gib, 4), "images_bytes": images, "images_gib": round(images / gib, 4),
-        "note": "fit on in-memory arrays also copies its training array into a tensor (tf.data from_tensors), "
-                "so phase 2 can briefly hold the train cache twice",
+        "note": "fit's input pipeline turns the training array into a tensor (tf.data from_tensors), which may "
+                "copy it, so phase 2 may briefly hold the train cache twice",
     }
 
 
