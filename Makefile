@@ -5,6 +5,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# DVC runs each stage as `python -m stages.<name>`: that python must be the venv's.
+export PATH := $(abspath $(BIN)):$(PATH)
 TF_VERSION := 2.21.0
 MEDMNIST_VERSION := 3.0.2
 PLOTS_DIR ?= dvc_plots
