@@ -28,6 +28,7 @@ def _data(seed):
 
 def test_interrupted_training_resumes_from_last_epoch_then_cleans_up(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "CHECKPOINT_EVERY_S", 0.0)  # these epochs take milliseconds
     runtime = train.configure(0, ComputeParams())
     backup = tmp_path / "resume"
     args = dict(lr=1e-2, epochs=3, patience=3, batch_size=16, runtime=runtime, live_dir=tmp_path / "live", backup_dir=backup)
