@@ -98,6 +98,7 @@ def cache_activations(prefix: keras.Model | None, images: np.ndarray, dtype: str
     if prefix is None:  # nothing frozen before the cut: the raw uint8 pixels are the cache
         return images
     size, out = chunk_size(len(images)), None
+    report_every = max(size, len(images) // 10)  # about ten progress lines
     for start in range(0, len(images), size):
         chunk = images[start : start + size]
         n = len(chunk)
@@ -108,7 +109,7 @@ def cache_activations(prefix: keras.Model | None, images: np.ndarray, dtype: str
             out = np.empty((len(images), *batch.shape[1:]), dtype=dtype)
         out[start : start + n] = batch
         done = start + n
-        if done == len(images) or (done // size) % 4 == 0:
+        if done == len(images) or done // report_every > start // report_every:
             print(f"  caching {label} activations: {done}/{len(images)} images", flush=True)
     return out
 
@@ -141,12 +142,11 @@ def resume_dir(stage: str, params, *inputs) -> Path:
 
 
 def _fit_data(train, val, batch_size: int) -> dict:
-    """fit's data arguments: shuffled, class-weighted training batches and validation batches from in-memory arrays.
+    """fit's data arguments: class-weighted training batches, reshuffled every epoch, and validation batches.
 
-    On TensorFlow these are the very datasets fit builds from arrays, with tf.data autotuning switched off. fit makes
-    a new iterator every epoch, and freeing the spent one waits for its autotuning thread to wake, up to its
-    optimization period: seconds per epoch with the CPUs idle (2-4 s an epoch on 2 CPU cores, see `make bench`).
-    An in-memory gather has nothing to autotune. Same batches, same order, same weights.
+    On TensorFlow these are the datasets fit builds from arrays, with tf.data autotuning switched off: freeing a
+    spent iterator waits for its autotuning thread to wake, up to its optimization period, seconds per epoch with the
+    CPUs idle (2-4 s an epoch on 2 CPU cores, see `make bench`), and an in-memory gather has nothing to autotune.
     """
     weights = class_weights(train[1])
     if keras.backend.backend() != "tensorflow":
@@ -161,10 +161,14 @@ def _fit_data(train, val, batch_size: int) -> dict:
     def dataset(x, y, shuffle, class_weight=None):
         adapter = ArrayDataAdapter(x, y, batch_size=batch_size, shuffle=shuffle, class_weight=class_weight)
         cardinality = tf.data.experimental.assert_cardinality(adapter.num_batches)  # fit then knows the epoch length
-        return adapter.get_tf_dataset().apply(cardinality).with_options(options)
+        return adapter.get_tf_dataset().apply(cardinality).with_options(options), adapter.num_batches
 
-    return {"x": dataset(*train, shuffle=True, class_weight=weights), "validation_data": dataset(*val, shuffle=False),
-            "shuffle": False}  # the dataset reshuffles every epoch itself; fit's flag is for arrays only
+    train_batches, steps = dataset(*train, shuffle=True, class_weight=weights)
+    # One iterator over the repeated dataset for the whole of fit, so each epoch draws a new permutation. A new
+    # iterator per epoch, which is what fit does with arrays, replays the first epoch's order every epoch once a
+    # global seed is set (the shuffle op restarts from its seed).
+    return {"x": train_batches.repeat(), "steps_per_epoch": steps, "validation_data": dataset(*val, shuffle=False)[0],
+            "shuffle": False}  # the dataset shuffles itself; fit's flag is for arrays only
 
 
 def class_weights(labels: np.ndarray) -> dict[int, float]:

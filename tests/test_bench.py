@@ -20,19 +20,18 @@ def test_bench_runs_and_writes_every_field(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench.py"), "--data", str(npz), "--out", str(out), "--image-size", "32",
-         "--train", "32", "--val", "16", "--epochs", str(EPOCHS), "--floor-epochs", "1"],
+         "--train", "32", "--val", "16", "--epochs", str(EPOCHS), "--floor-epochs", "1", "--repeats", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "speed-up b/a" in proc.stdout and "memory ESTIMATE" in proc.stdout
 
     results = json.loads(out.read_text())
-    assert {"date", "command", "machine", "config", "phases", "targets", "targets_met", "memory_estimate_full_data",
-            "full_data_measurement"} <= set(results)
+    assert {"date", "command", "machine", "config", "phases", "targets", "targets_met", "memory_estimate_full_data"} <= set(results)
     assert results["machine"]["cpus"] >= 1 and results["machine"]["backend"]
     config = results["config"]
     assert (config["image_size"], config["train_images"], config["val_images"], config["epochs"]) == (32, 32, 16, EPOCHS)
-    assert config["weights"] == "none"
+    assert config["weights"] == "none" and config["repeats_of_a_and_floor"] == 2
     # stratified: both classes in both subsets
     for split in ("train", "val"):
         assert 0 < config["subset"][split]["pneumonia"] < config["subset"][split]["images"]
@@ -48,7 +47,11 @@ def test_bench_runs_and_writes_every_field(tmp_path):
             assert 1 <= r["best_epoch"] <= EPOCHS
             assert r["train_images"] == 32
             assert abs(r["images_per_s"] - 32 * EPOCHS / r["wall_s"]) < 0.1
+        # a and the floor ran twice and the faster run counts; b ran once
+        assert len(phase["a"]["runs_s"]) == 2 and phase["a"]["wall_s"] == min(phase["a"]["runs_s"])
+        assert phase["b"]["runs_s"] == [phase["b"]["wall_s"]]
         floor = phase["floor"]
+        assert len(floor["runs_s"]) == 2 and floor["total_s"] == min(floor["runs_s"])
         for key in ("prefix_s", "prefix_cpu_s", "suffix_epoch_s", "suffix_epoch_cpu_s", "total_s", "total_cpu_s", "timed_wall_s"):
             assert _positive(floor[key]), (key, floor[key])
         assert floor["other_processes_cores"] >= 0
@@ -65,3 +68,42 @@ def test_bench_runs_and_writes_every_field(tmp_path):
     assert "estimate" in estimate["label"]
     assert estimate["images"] == 4708 + 524 and estimate["phase2_activation_shape"] == [14, 14, 1024]
     assert estimate["phase2_cache_bytes"] == (4708 + 524) * 14 * 14 * 1024 * 2
+
+
+def test_full_data_mode_measures_each_real_stage_and_keeps_the_timing_results(tmp_path):
+    npz = synthetic.write(tmp_path / "synthetic.npz")
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"phases": {"phase1": "from an earlier timing run"}}))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--full-data", "--data", str(npz), "--out", str(out),
+         "--image-size", "32", "--epochs", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "MEASURED, the real stages on all 4708 train + 524 val images at 32 px" in proc.stdout
+
+    results = json.loads(out.read_text())
+    assert results["phases"] == {"phase1": "from an earlier timing run"}  # the other mode's entry is kept
+    full = results["full_data"]
+    assert (full["config"]["train_images"], full["config"]["val_images"], full["config"]["image_size"]) == (4708, 524, 32)
+    assert list(full["stages"]) == ["download", "resize", "train_head", "fine_tune"]
+    for stage in full["stages"].values():
+        assert _positive(stage["wall_s"]) and _positive(stage["peak_rss_mib"])
+    assert full["stages"]["train_head"]["epochs_run"] == full["stages"]["fine_tune"]["epochs_run"] == 1
+    # training holds a model and its activation cache: more memory than copying a file
+    assert full["stages"]["fine_tune"]["peak_rss_mib"] > full["stages"]["download"]["peak_rss_mib"]
+    peak_mib = max(s["peak_rss_mib"] for s in full["stages"].values())
+    assert math.isclose(full["peak_rss_gb"], peak_mib * 2**20 / 1e9, rel_tol=1e-3)
+    assert full["target_met"] is (full["peak_rss_gb"] <= full["target_gb"])
+
+
+def test_full_data_mode_reports_a_failing_stage_in_one_message(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--full-data", "--data", str(tmp_path / "missing.npz"),
+         "--out", str(out), "--image-size", "32", "--epochs", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode != 0
+    assert "bench: stage download failed" in proc.stderr and "missing.npz" in proc.stderr
+    assert not out.exists()

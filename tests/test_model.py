@@ -71,6 +71,19 @@ def test_float16_cache_changes_predictions_by_little(net):
     np.testing.assert_allclose(suffix.predict(cached, verbose=0), net.predict(x, verbose=0), atol=2e-3)
 
 
+def test_cache_runs_the_prefix_at_one_shape_and_drops_the_padding(net):
+    x, _ = _images(70)  # not a multiple of the chunk: 3 chunks of 24, the last padded with 2 blank images
+    assert train.chunk_size(70) == 24 and train.chunk_size(32) == 32 and train.chunk_size(33) == 17
+    prefix, _ = model_lib.split(net, None)
+    shapes = []
+    original = prefix.predict_on_batch
+    prefix.predict_on_batch = lambda batch: shapes.append(batch.shape[0]) or original(batch)
+    cached = train.cache_activations(prefix, x, "float32", "test")
+    assert shapes == [24, 24, 24] and cached.shape == (70, 2048)
+    pooled = keras.Model(net.input, net.get_layer(model_lib.POOL).output).predict(x, batch_size=70, verbose=0)
+    np.testing.assert_allclose(cached, pooled, rtol=1e-4, atol=1e-5)
+
+
 def test_cached_activation_training_matches_full_model_fit(tmp_path):
     """One epoch on cached prefix activations == one epoch of plain fit on the whole model."""
     x, y = _images(64)

@@ -101,12 +101,13 @@ def test_live_metrics_uses_dvclive_keras_names(tmp_path):
     assert logged["train"] == {"loss": 0.5, "auc": 0.75} and logged["eval"] == {"loss": 0.25, "auc": 1.0}
 
 def test_fit_trains_on_the_batches_fit_makes_from_arrays(tmp_path):
-    """train.fit hands fit its own array pipeline (tf.data autotuning off): same batches, order and class weights."""
+    """train.fit hands fit the array pipeline fit makes itself (tf.data autotuning off): in the first epoch the
+    same batches, order and class weights; later epochs reshuffle (see the next test), which fit's own does not."""
     runtime = train.configure(0, ComputeParams())
     x, _ = _data(0)
     y = (x[:, 0] > -0.6).astype("int32")  # about 3:1, so the class weights matter
     val = _data(1)
-    args = dict(lr=1e-2, epochs=3, patience=3, batch_size=16)
+    args = dict(lr=1e-2, epochs=1, patience=1, batch_size=16)
 
     keras.utils.set_random_seed(3)
     project = _head()
@@ -116,8 +117,8 @@ def test_fit_trains_on_the_batches_fit_makes_from_arrays(tmp_path):
     plain = _head()
     plain.compile(optimizer=keras.optimizers.Adam(args["lr"]), loss=keras.losses.BinaryCrossentropy(),
                   metrics=[keras.metrics.AUC(name="auc")])
-    early = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=3, restore_best_weights=True)
-    plain.fit(x, y, validation_data=val, epochs=3, batch_size=16, shuffle=True, class_weight=train.class_weights(y),
+    early = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=1, restore_best_weights=True)
+    plain.fit(x, y, validation_data=val, epochs=1, batch_size=16, shuffle=True, class_weight=train.class_weights(y),
               verbose=0, callbacks=[early])
 
     for a, b in zip(project.get_weights(), plain.get_weights()):
@@ -125,4 +126,21 @@ def test_fit_trains_on_the_batches_fit_makes_from_arrays(tmp_path):
     if keras.backend.backend() == "tensorflow":
         data = train._fit_data((x, y), val, 16)
         assert not data["x"].options().autotune.enabled and not data["validation_data"].options().autotune.enabled
-        assert int(data["x"].cardinality()) == 4  # 64 images in batches of 16
+        assert data["steps_per_epoch"] == 4  # 64 images in batches of 16
+        assert int(data["x"].cardinality()) == -1 and int(data["validation_data"].cardinality()) == 4  # repeated; one pass
+
+
+def test_training_batches_are_reshuffled_every_epoch_and_cover_every_image():
+    # A new iterator per epoch (fit's own way with arrays) replays one order under a global seed; these must not.
+    train.configure(0, ComputeParams())
+    x = np.arange(64, dtype="float32")[:, None]
+    y = (np.arange(64) % 2).astype("int32")
+    args = train._fit_data((x, y), (x, y), batch_size=16)
+    batches = iter(args["x"])
+    orders = []
+    for _ in range(3):
+        epoch = [next(batches) for _ in range(args["steps_per_epoch"])]
+        order = np.concatenate([np.asarray(b[0])[:, 0] for b in epoch]).astype(int)
+        assert sorted(order) == list(range(64))  # every image exactly once per epoch
+        orders.append(order.tolist())
+    assert orders[0] != orders[1] != orders[2]
