@@ -1,7 +1,8 @@
 # make run   - set up .venv, then run the pipeline (dvc repro)
 # make test  - set up .venv with test deps, then run the tests
 # make plots - write dvc_plots/index.html (or PLOTS_DIR=dir), a plots page that opens with no network
-# make bench - time the project's training against plain fit and the compute floor (BENCH_ARGS="--epochs 2" to shrink)
+# make bench - time the project's training against plain fit and the compute floor (BENCH_ARGS="--epochs 2" to shrink;
+#              BENCH_ARGS=--full-data: peak memory of the real stages on the whole dataset)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -141,34 +141,31 @@ def resume_dir(stage: str, params, *inputs) -> Path:
     return RESUME_ROOT / f"{stage}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
 
 
-def _fit_data(train, val, batch_size: int) -> dict:
-    """fit's data arguments: class-weighted training batches, reshuffled every epoch, and validation batches.
+class Batches(keras.utils.PyDataset):
+    """Batches gathered by index from in-memory arrays, in a new seeded order every epoch when `seed` is given.
 
-    On TensorFlow these are the datasets fit builds from arrays, with tf.data autotuning switched off: freeing a
-    spent iterator waits for its autotuning thread to wake, up to its optimization period, seconds per epoch with the
-    CPUs idle (2-4 s an epoch on 2 CPU cores, see `make bench`), and an in-memory gather has nothing to autotune.
+    Why not fit's own route for arrays: it turns each array into a tensor (tf.data from_tensors), which on
+    TensorFlow 2.21 holds two more copies of it, so phase 2 would peak at about four times its activation cache;
+    here only the batch in hand is copied. And it starts a new iterator per epoch whose shuffle restarts from the
+    global seed, replaying the first epoch's order in every epoch. Two threads gather batches ahead of the model.
     """
-    weights = class_weights(train[1])
-    if keras.backend.backend() != "tensorflow":
-        return {"x": train[0], "y": train[1], "validation_data": val, "batch_size": batch_size, "shuffle": True,
-                "class_weight": weights}
-    import tensorflow as tf
-    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter  # what fit uses for arrays
 
-    options = tf.data.Options()
-    options.autotune.enabled = False
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = None):
+        super().__init__(workers=2, use_multiprocessing=False, max_queue_size=8)
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self._rng = None if seed is None else np.random.default_rng(seed)
+        self._order = np.arange(len(y))
 
-    def dataset(x, y, shuffle, class_weight=None):
-        adapter = ArrayDataAdapter(x, y, batch_size=batch_size, shuffle=shuffle, class_weight=class_weight)
-        cardinality = tf.data.experimental.assert_cardinality(adapter.num_batches)  # fit then knows the epoch length
-        return adapter.get_tf_dataset().apply(cardinality).with_options(options), adapter.num_batches
+    def __len__(self) -> int:
+        return -(-len(self.y) // self.batch_size)
 
-    train_batches, steps = dataset(*train, shuffle=True, class_weight=weights)
-    # One iterator over the repeated dataset for the whole of fit, so each epoch draws a new permutation. A new
-    # iterator per epoch, which is what fit does with arrays, replays the first epoch's order every epoch once a
-    # global seed is set (the shuffle op restarts from its seed).
-    return {"x": train_batches.repeat(), "steps_per_epoch": steps, "validation_data": dataset(*val, shuffle=False)[0],
-            "shuffle": False}  # the dataset shuffles itself; fit's flag is for arrays only
+    def __getitem__(self, index: int):
+        rows = np.sort(self._order[index * self.batch_size : (index + 1) * self.batch_size])  # sorted: faster gather
+        return self.x[rows], self.y[rows]
+
+    def on_epoch_begin(self) -> None:  # not on_epoch_end: Keras also calls that once before training, after a peek
+        if self._rng is not None:
+            self._order = self._rng.permutation(len(self.y))
 
 
 def class_weights(labels: np.ndarray) -> dict[int, float]:
@@ -235,7 +232,8 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
           f"{len(train[1])} images ({len(val[1])} for validation)", flush=True)
     with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         trainable.fit(
-            **_fit_data(train, val, batch_size), epochs=epochs, verbose=2,
+            Batches(*train, batch_size, seed=int(np.random.randint(2**31))), validation_data=Batches(*val, batch_size),
+            class_weight=class_weights(train[1]), shuffle=False, epochs=epochs, verbose=2,  # Batches orders itself
             callbacks=[*callbacks, LiveMetrics(live)],
         )
         summary = {"best_epoch": int(early.best_epoch) + 1, "best_val_auc": round(float(early.best), 4)}

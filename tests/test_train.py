@@ -100,47 +100,54 @@ def test_live_metrics_uses_dvclive_keras_names(tmp_path):
     logged = json.loads((tmp_path / "metrics.json").read_text())
     assert logged["train"] == {"loss": 0.5, "auc": 0.75} and logged["eval"] == {"loss": 0.25, "auc": 1.0}
 
-def test_fit_trains_on_the_batches_fit_makes_from_arrays(tmp_path):
-    """train.fit hands fit the array pipeline fit makes itself (tf.data autotuning off): in the first epoch the
-    same batches, order and class weights; later epochs reshuffle (see the next test), which fit's own does not."""
+def test_fit_trains_like_plain_fit_on_the_same_batches(tmp_path):
+    """One epoch of train.fit == plain fit over the batches train.Batches drew, with the same class weights."""
     runtime = train.configure(0, ComputeParams())
     x, _ = _data(0)
     y = (x[:, 0] > -0.6).astype("int32")  # about 3:1, so the class weights matter
     val = _data(1)
-    args = dict(lr=1e-2, epochs=1, patience=1, batch_size=16)
 
     keras.utils.set_random_seed(3)
     project = _head()
-    train.fit(project, (x, y), val, runtime=runtime, live_dir=tmp_path / "live", **args)
+    train.fit(project, (x, y), val, lr=1e-2, epochs=1, patience=1, batch_size=16, runtime=runtime,
+              live_dir=tmp_path / "live")
 
     keras.utils.set_random_seed(3)
     plain = _head()
-    plain.compile(optimizer=keras.optimizers.Adam(args["lr"]), loss=keras.losses.BinaryCrossentropy(),
-                  metrics=[keras.metrics.AUC(name="auc")])
-    early = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=1, restore_best_weights=True)
-    plain.fit(x, y, validation_data=val, epochs=1, batch_size=16, shuffle=True, class_weight=train.class_weights(y),
-              verbose=0, callbacks=[early])
+    batches = train.Batches(x, y, 16, seed=int(np.random.randint(2**31)))  # the draw train.fit makes
+    batches.on_epoch_begin()
+    xs = np.concatenate([batches[i][0] for i in range(len(batches))])
+    ys = np.concatenate([batches[i][1] for i in range(len(batches))])
+    plain.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.BinaryCrossentropy())
+    plain.fit(xs, ys, epochs=1, batch_size=16, shuffle=False, class_weight=train.class_weights(y), verbose=0)
 
     for a, b in zip(project.get_weights(), plain.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    if keras.backend.backend() == "tensorflow":
-        data = train._fit_data((x, y), val, 16)
-        assert not data["x"].options().autotune.enabled and not data["validation_data"].options().autotune.enabled
-        assert data["steps_per_epoch"] == 4  # 64 images in batches of 16
-        assert int(data["x"].cardinality()) == -1 and int(data["validation_data"].cardinality()) == 4  # repeated; one pass
 
 
-def test_training_batches_are_reshuffled_every_epoch_and_cover_every_image():
-    # A new iterator per epoch (fit's own way with arrays) replays one order under a global seed; these must not.
-    train.configure(0, ComputeParams())
-    x = np.arange(64, dtype="float32")[:, None]
-    y = (np.arange(64) % 2).astype("int32")
-    args = train._fit_data((x, y), (x, y), batch_size=16)
-    batches = iter(args["x"])
-    orders = []
-    for _ in range(3):
-        epoch = [next(batches) for _ in range(args["steps_per_epoch"])]
-        order = np.concatenate([np.asarray(b[0])[:, 0] for b in epoch]).astype(int)
-        assert sorted(order) == list(range(64))  # every image exactly once per epoch
-        orders.append(order.tolist())
-    assert orders[0] != orders[1] != orders[2]
+def test_training_batches_are_reshuffled_every_epoch_reproducibly():
+    # fit's own route for arrays replays the first epoch's order every epoch under a global seed; Batches must not.
+    x = np.arange(70, dtype="float32")[:, None]
+    y = (np.arange(70) % 2).astype("int32")
+
+    def orders(seed):
+        batches, seen = train.Batches(x, y, 16, seed=seed), []
+        for _ in range(3):
+            batches.on_epoch_begin()
+            assert len(batches) == 5  # 4 full batches and one of 6
+            epoch = np.concatenate([batches[i][0][:, 0] for i in range(len(batches))]).astype(int)
+            np.testing.assert_array_equal(np.sort(epoch), np.arange(70))  # every image exactly once
+            seen.append(epoch.tolist())
+        return seen
+
+    first = orders(5)
+    assert first[0] != first[1] != first[2]
+    assert orders(5) == first  # the same seed, the same orders
+    validation = train.Batches(x, y, 16)
+    np.testing.assert_array_equal(np.concatenate([validation[i][0] for i in range(5)])[:, 0], x[:, 0])  # in order
+
+
+def test_batches_copy_one_batch_not_the_arrays():
+    x = np.zeros((64, 4, 4, 8), dtype="float16")
+    batch = train.Batches(x, np.zeros(64, "int32"), 16, seed=0)[0][0]
+    assert batch.shape == (16, 4, 4, 8) and batch.dtype == np.float16 and not np.shares_memory(batch, x)
