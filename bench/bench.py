@@ -362,7 +362,7 @@ def orchestrate(args) -> dict:
         results = save_results(args.out, results)
         print()
         print(table(results))
-        print(f"\nbench: results in {out}")
+        print(f"\nbench: results in {args.out}")
         return results
     finally:
         if args.keep:
@@ -565,8 +565,8 @@ def memory_estimate(s, image_size: int = 224) -> dict:
         "cache_dtype": s["cache_dtype"], "phase2_activation_shape": shape2, "phase2_cache_bytes": p2,
         "phase2_cache_gib": round(p2 / gib, 3), "phase1_feature_shape": shape1, "phase1_cache_bytes": p1,
         "phase1_cache_gib": round(p1 / gib, 4), "images_bytes": images, "images_gib": round(images / gib, 4),
-        "note": "fit's input pipeline turns the training array into a tensor (tf.data from_tensors), which may "
-                "copy it, so phase 2 may briefly hold the train cache twice",
+        "note": "training gathers one batch at a time from the cache (pneumonia.train.Batches), so the cache is held "
+                "once; the measured figure is python bench/bench.py --full-data",
     }
 
 
