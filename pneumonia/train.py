@@ -147,11 +147,12 @@ class Batches(keras.utils.PyDataset):
     Why not fit's own route for arrays: it turns each array into a tensor (tf.data from_tensors), which on
     TensorFlow 2.21 holds two more copies of it, so phase 2 would peak at about four times its activation cache;
     here only the batch in hand is copied. And it starts a new iterator per epoch whose shuffle restarts from the
-    global seed, replaying the first epoch's order in every epoch. Two threads gather batches ahead of the model.
+    global seed, replaying the first epoch's order in every epoch.
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = None):
-        super().__init__(workers=2, use_multiprocessing=False, max_queue_size=8)
+        # workers=1: batches come from tf.data's prefetching thread; Keras's worker threads cost ~0.1 s per epoch to stop
+        super().__init__(workers=1, use_multiprocessing=False)
         self.x, self.y, self.batch_size = x, y, batch_size
         self._rng = None if seed is None else np.random.default_rng(seed)
         self._order = np.arange(len(y))
