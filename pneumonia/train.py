@@ -151,7 +151,6 @@ class Batches(keras.utils.PyDataset):
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = None):
-        # workers=1: batches come from tf.data's prefetching thread; Keras's worker threads cost ~0.1 s per epoch to stop
         super().__init__(workers=1, use_multiprocessing=False)
         self.x, self.y, self.batch_size = x, y, batch_size
         self._rng = None if seed is None else np.random.default_rng(seed)
@@ -167,6 +166,30 @@ class Batches(keras.utils.PyDataset):
     def on_epoch_begin(self) -> None:  # not on_epoch_end: Keras also calls that once before training, after a peek
         if self._rng is not None:
             self._order = self._rng.permutation(len(self.y))
+
+
+def _for_fit(batches: Batches):
+    """What fit reads: `batches` itself, or on TensorFlow a prefetched tf.data pipeline over it, autotuning off.
+
+    Keras runs a PyDataset either on worker threads, which take about 0.1 s to stop after every epoch, or behind
+    an autotuned prefetch, whose autotuning thread delays freeing each epoch's iterator by up to seconds on a
+    busy 2-core machine (`make bench`); this pays neither.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return batches
+    import tensorflow as tf
+
+    def epoch():
+        batches.on_epoch_begin()
+        for i in range(len(batches)):
+            yield batches[i]
+
+    x, y = batches[0]
+    signature = (tf.TensorSpec((None, *x.shape[1:]), x.dtype), tf.TensorSpec((None, *y.shape[1:]), y.dtype))
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    dataset = tf.data.Dataset.from_generator(epoch, output_signature=signature)
+    return dataset.apply(tf.data.experimental.assert_cardinality(len(batches))).prefetch(2).with_options(options)
 
 
 def class_weights(labels: np.ndarray) -> dict[int, float]:
@@ -233,7 +256,8 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
           f"{len(train[1])} images ({len(val[1])} for validation)", flush=True)
     with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         trainable.fit(
-            Batches(*train, batch_size, seed=int(np.random.randint(2**31))), validation_data=Batches(*val, batch_size),
+            _for_fit(Batches(*train, batch_size, seed=int(np.random.randint(2**31)))),
+            validation_data=_for_fit(Batches(*val, batch_size)),
             class_weight=class_weights(train[1]), shuffle=False, epochs=epochs, verbose=2,  # Batches orders itself
             callbacks=[*callbacks, LiveMetrics(live)],
         )
