@@ -114,6 +114,11 @@ def prepare_data(args, work: Path) -> dict:
     return {"full_sizes": full, "subset": counts}
 
 
+def child_env(**extra) -> dict:
+    """The environment of the worker and stage processes: TensorFlow's start-up log kept quiet unless asked for."""
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), **extra}
+
+
 def run_worker(name: str, spec: dict, work: Path) -> dict:
     spec_path = work / f"{name}.spec.json"
     spec_path.write_text(json.dumps({**spec, "result": str(work / f"{name}.result.json")}))
@@ -124,7 +129,7 @@ def run_worker(name: str, spec: dict, work: Path) -> dict:
         proc = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--spec", str(spec_path)],
             cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=WORKER_TIMEOUT_S,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")},
+            env=child_env(),
         )
     if proc.returncode != 0:
         tail = log.read_text().splitlines()[-40:]
@@ -276,7 +281,6 @@ def full_data(args) -> dict:
                                    unfreeze_from=args.unfreeze_from)
         params["compute"]["cache_dtype"] = args.cache_dtype
         (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
         stages = {}
         for name in FULL_DATA_STAGES:
             print(f"bench: full data, stage {name}", flush=True)
@@ -284,7 +288,7 @@ def full_data(args) -> dict:
             start = time.perf_counter()
             with open(log, "w") as f:
                 proc = subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=work, stdout=f, stderr=subprocess.STDOUT,
-                                        env=env)
+                                        env=child_env(PYTHONPATH=str(ROOT)))
                 _, status, usage = os.wait4(proc.pid, 0)
             if os.waitstatus_to_exitcode(status) != 0:
                 tail = log.read_text().splitlines()[-40:]
@@ -498,14 +502,12 @@ def worker_floor(s, phase: int, train_split, val_split, runtime) -> dict:
     model_lib.set_trainable(net, ps["block"], train_batchnorm=ps["train_batchnorm"])
     prefix, suffix = model_lib.split(net, ps["block"])
     dtype = "float32" if phase == 1 else s["cache_dtype"]  # what the project caches in each phase
-    x, xv = train_split[0], val_split[0]
-    images = np.concatenate([x, xv])
-    size = train.chunk_size(len(images))  # the same chunks, so the same forward work, as variant a
-    prefix.predict_on_batch(images[:size])  # trace and optimise the predict function at that shape before timing
+    x = train_split[0]
+    size = train.chunk_size(len(x) + len(val_split[0]))  # the chunk shape variant a's prefix runs at
+    prefix.predict_on_batch(np.zeros((size, *x.shape[1:]), x.dtype))  # trace and optimise it before timing
     clock = Clock()
-    acts_all = train.cache_activations(prefix, images, dtype, "floor")
+    acts, acts_val = train.cache_train_val(prefix, train_split, val_split, dtype, "floor")  # the same work as a
     prefix = clock.read()
-    acts, acts_val = acts_all[: len(x)], acts_all[len(x) :]
 
     y, yv = train_split[1], val_split[1]
     weights = train.class_weights(y)

@@ -273,7 +273,7 @@ def save(model: keras.Model, path: str | Path) -> None:
         model.save(tmp)
 
 
-def _cache_both(prefix, train, val, dtype: str, label: str):
+def cache_train_val(prefix, train, val, dtype: str, label: str):
     """Activations of the training and validation images, in one pass so both share the prefix's one traced shape."""
     if prefix is None:
         return train[0], val[0]
@@ -299,7 +299,7 @@ def train_head(model: keras.Model, train, val, *, runtime: Runtime, **fit_args) 
     """Phase 1: the whole backbone frozen; the head trains on pooled features computed once."""
     model_lib.set_trainable(model, None, train_batchnorm=False)
     prefix, head = _split(model, None, runtime)
-    features = _cache_both(prefix, train, val, "float32", "train_head")
+    features = cache_train_val(prefix, train, val, "float32", "train_head")
     return fit(head, (features[0], train[1]), (features[1], val[1]), runtime=runtime, **fit_args)
 
 
@@ -308,5 +308,5 @@ def fine_tune(model: keras.Model, train, val, *, block, train_batchnorm, cache_d
     """Phase 2: layers from `block` up train; the prefix before it runs once per image."""
     model_lib.set_trainable(model, block, train_batchnorm=train_batchnorm)
     prefix, suffix = _split(model, block, runtime)
-    acts = _cache_both(prefix, train, val, cache_dtype, "fine_tune")
+    acts = cache_train_val(prefix, train, val, cache_dtype, "fine_tune")
     return fit(suffix, (acts[0], train[1]), (acts[1], val[1]), runtime=runtime, **fit_args)
