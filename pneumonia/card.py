@@ -1,25 +1,19 @@
-"""reports/model_card.md, written from the run's own numbers."""
+"""reports/model_card.md, written from the run's own numbers.
+
+It states only what the evaluate stage depends on: its own params, and for everything upstream the records
+that the stages wrote beside their outputs (data/raw/provenance.json, models/model.json), never params.yaml,
+so a param change that does not reach the model cannot leave the card stale.
+"""
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import yaml
 
 from pneumonia.files import write_text
-from pneumonia.params import as_dict
 
 ROWS = (("Sensitivity (recall)", "recall"), ("Specificity", "specificity"), ("Precision (PPV)", "precision"),
         ("F1", "f1"), ("Accuracy", "accuracy"), ("ROC AUC", "roc_auc"))
-
-
-def _git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-        return rev + (" (with uncommitted changes)" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
 
 
 def _pct(x) -> str:
@@ -36,8 +30,27 @@ def _threshold_text(params) -> str:
     }[t.strategy]
 
 
-def render(result: dict, params, provenance: dict) -> str:
+def _nested(stage_params: list[dict]) -> dict:
+    """Stages' {dotted key: value} params merged into one params.yaml-shaped mapping.
+
+    The stages agree where they share a key (seed, batch_size): each reran when its own params changed.
+    """
+    out: dict = {}
+    for params in stage_params:
+        for key, value in params.items():
+            *parents, leaf = key.split(".")
+            node = out
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return out
+
+
+def render(result: dict, params, record: dict, provenance: dict) -> str:
+    """params: the evaluate stage's own; record: models/model.json; provenance: data/raw/provenance.json."""
     test, base, val, cal = result["test"], result["test_at_0.5"], result["val"], result["calibration"]
+    head, fine = record["train_head"], record["fine_tune"]
+    weights, size = head["params"]["model"]["weights"], record["resize"]["image_size"]
     counts = provenance["class_counts"]
     source = provenance.get("url") or provenance.get("path")
     lines = [
@@ -49,10 +62,11 @@ def render(result: dict, params, provenance: dict) -> str:
         "It is not a diagnostic device and has not been validated prospectively or on other hospitals' images.",
         "",
         "## Model",
-        f"ResNet-50 ({'ImageNet weights' if params.model.weights == 'imagenet' else 'trained from scratch, no pretrained weights'}), "
-        f"input {params.image_size}x{params.image_size} grayscale, a new head (global average pooling, dropout {params.model.dropout}, "
-        f"one logit). Phase 1 trains the head (lr {params.lr}); phase 2 fine-tunes from `{params.fine_tune.unfreeze_from}` up "
-        f"(lr {params.fine_tune.lr}).",
+        f"ResNet-50 ({'from ImageNet weights' if weights == 'imagenet' else 'from random initialisation, no pretrained weights'}), "
+        f"input {size}x{size} grayscale ({record['resize']['resize.interpolation']} upsampling from 28x28), a new head "
+        f"(global average pooling, dropout {head['params']['model']['dropout']}, one logit).",
+        f"- Phase 1 (lr {head['params']['lr']}, best epoch {head['best_epoch']}): {head['trained']}.",
+        f"- Phase 2 (lr {fine['params']['fine_tune']['lr']}, best epoch {fine['best_epoch']}): {fine['trained']}.",
         "",
         "## Data",
         f"PneumoniaMNIST (MedMNIST v2, licence {provenance.get('license', 'CC BY 4.0')}), derived from Kermany et al. 2018 (Cell 172): "
@@ -102,7 +116,7 @@ def render(result: dict, params, provenance: dict) -> str:
         "",
         "## Known limitations",
         "- **Upsampled inputs.** The images are 28x28 and are upsampled to "
-        f"{params.image_size}x{params.image_size}; fine detail of a real radiograph is gone, and the model has never seen it.",
+        f"{size}x{size}; fine detail of a real radiograph is gone, and the model has never seen it.",
         "- **Validation/test shift.** MedMNIST's validation split is a 10% slice of the source's training set, while the test split is "
         "the source's separate test set, which is known to differ (a larger share of normals, different acquisition). A threshold "
         "tuned on validation can land at a different sensitivity on test: compare the validation figures under "
@@ -111,15 +125,16 @@ def render(result: dict, params, provenance: dict) -> str:
         "- **Small test set.** 624 images: read the confidence intervals, not just the point estimates.",
         "",
         "## Reproduce",
-        f"Git revision {_git_revision()}. Params:",
+        "The params this run depends on, as each stage recorded them (the part of params.yaml that made these results):",
         "",
         "```yaml",
-        yaml.safe_dump(as_dict(params), sort_keys=False).rstrip(),
+        yaml.safe_dump(_nested([{"data.source": provenance.get("path", provenance["source"])}, record["resize"],
+                                head["params"], fine["params"], params.listed()]), sort_keys=False).rstrip(),
         "```",
         "",
     ]
     return "\n".join(lines)
 
 
-def write(path: Path, result: dict, params, provenance: dict) -> None:
-    write_text(path, render(result, params, provenance))
+def write(path: Path, result: dict, params, record: dict, provenance: dict) -> None:
+    write_text(path, render(result, params, record, provenance))

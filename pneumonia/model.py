@@ -9,6 +9,7 @@ from __future__ import annotations
 import keras
 
 from pneumonia.errors import PipelineError
+from pneumonia.params import RESNET50_BLOCKS
 
 # resnet50.preprocess_input ("caffe" mode) subtracts these BGR means; the
 # channels are identical copies of the gray image, so the BGR swap is a no-op.
@@ -66,6 +67,18 @@ def set_trainable(model: keras.Model, block: str | None, train_batchnorm: bool) 
         is_bn = isinstance(layer, keras.layers.BatchNormalization)
         # Keras 3 runs a frozen BatchNormalization in inference mode, which keeps pretrained statistics intact.
         layer.trainable = id(layer) in trainable and (train_batchnorm or not is_bn)
+
+
+def describe_trainable(block: str, weights: str, train_batchnorm: bool) -> str:
+    """What phase 2 trains, in words: which blocks, from which weights, and whether BatchNorm learns."""
+    start = "random weights" if weights == "none" else "ImageNet weights"
+    batchnorm = "BatchNorm trains too" if train_batchnorm else "BatchNorm frozen (inference mode)"
+    if block == "conv1":
+        return f"every layer trains (conv1 to conv5_block3 and the head, from {start}); {batchnorm}"
+    frozen = RESNET50_BLOCKS[RESNET50_BLOCKS.index(block) - 1]
+    kept = "never trained" if weights == "none" else "as pretrained"
+    return (f"{block} to conv5_block3 and the head train; conv1 to {frozen} stay frozen with {start} ({kept}); "
+            f"{batchnorm}")
 
 
 def logits_model(model: keras.Model) -> keras.Model:

@@ -50,7 +50,9 @@ class TrainHeadParams:
 class FineTuneParams:
     epochs: int = 10
     lr: float = 1e-5
-    unfreeze_from: str = "conv5_block1"
+    # auto: conv5_block1 with ImageNet weights (the pretrained early blocks stay frozen), conv1 without them
+    # (random blocks left frozen would never learn anything).
+    unfreeze_from: str = "auto"
     patience: int = 5
 
 
@@ -115,7 +117,8 @@ _RULES = {
     "train_head.patience": (lambda v: v >= 1, "at least 1"),
     "fine_tune.epochs": (lambda v: v >= 1, "at least 1"),
     "fine_tune.lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "fine_tune.unfreeze_from": (lambda v: v in RESNET50_BLOCKS, "a ResNet-50 block name: " + ", ".join(RESNET50_BLOCKS)),
+    "fine_tune.unfreeze_from": (lambda v: v == "auto" or v in RESNET50_BLOCKS,
+                                "auto or a ResNet-50 block name: " + ", ".join(RESNET50_BLOCKS)),
     "fine_tune.patience": (lambda v: v >= 1, "at least 1"),
     "evaluate.threshold.target_sensitivity": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "evaluate.threshold.value": (lambda v: 0 < v < 1, "in (0, 1)"),
@@ -185,6 +188,65 @@ def _build(cls, data, prefix: str = ""):
             if not check(values[name]):
                 raise PipelineError(f"params: {key} is {values[name]!r}; it must be {wanted}")
     return cls(**values)
+
+
+# The params each stage reads, that is the ones that can change its outputs: exactly its `params:` in dvc.yaml
+# (a test holds them equal). A stage sees only these (`for_stage`); its resume key and the records its outputs
+# state are built from them.
+STAGE_PARAMS = {
+    "download": ("data.source",),
+    "resize": ("image_size", "resize.interpolation"),
+    "train_head": ("seed", "lr", "batch_size", "model", "train_head",
+                   "compute.mixed_precision", "compute.jit_compile", "compute.distribute"),
+    "fine_tune": ("seed", "batch_size", "model.weights", "fine_tune", "compute"),
+    "evaluate": ("seed", "batch_size", "evaluate"),
+    "error_analysis": ("seed", "error_analysis"),
+}
+
+
+def unfreeze_block(unfreeze_from: str, weights: str) -> str:
+    """The first block that fine_tune trains; `auto` follows the weights."""
+    if unfreeze_from != "auto":
+        return unfreeze_from
+    return "conv5_block1" if weights == "imagenet" else "conv1"
+
+
+class StageParams:
+    """A read-only view of the params holding only those one stage lists in dvc.yaml.
+
+    Reading any other param raises: a stage that used a param DVC does not track for it would
+    not rerun when that param changes.
+    """
+
+    def __init__(self, value, stage: str, prefix: str = ""):
+        self._value, self._stage, self._prefix = value, stage, prefix
+
+    def listed(self) -> dict:
+        """The stage's params as {dotted key: value} (a group's value is a plain dict)."""
+        out = {}
+        for key in STAGE_PARAMS[self._stage]:
+            value = self._value
+            for part in key.split("."):
+                value = getattr(value, part)
+            out[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return out
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        key = self._prefix + name
+        value = getattr(self._value, name)
+        listed = STAGE_PARAMS[self._stage]
+        if any(key == k or key.startswith(k + ".") for k in listed):
+            return value
+        if any(k.startswith(key + ".") for k in listed):
+            return StageParams(value, self._stage, key + ".")
+        raise AttributeError(f"stage {self._stage} reads {key}, which is not among its params in dvc.yaml "
+                             f"({', '.join(listed)})")
+
+
+def for_stage(params: Params, stage: str) -> StageParams:
+    return StageParams(params, stage)
 
 
 def from_dict(data: dict) -> Params:

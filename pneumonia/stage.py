@@ -15,11 +15,12 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
-def run(name: str, main: Callable[[params_lib.Params], None]) -> None:
+def run(name: str, main: Callable[[params_lib.StageParams], None]) -> None:
+    """Run a stage's main with the params it lists in dvc.yaml, and only those."""
     start = time.perf_counter()
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        main(params_lib.load())
+        main(params_lib.for_stage(params_lib.load(), name))
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

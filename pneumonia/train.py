@@ -7,9 +7,9 @@ in inference mode this is the same maths as `fit` on the full model.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,13 +19,14 @@ import keras
 import numpy as np
 from dvclive import Live
 
+from pneumonia import codedeps
 from pneumonia import model as model_lib
 from pneumonia.errors import PipelineError
 from pneumonia.files import atomic_path
 
 CACHE_CHUNK = 32  # images per prefix forward call: small chunks run as fast per image and touch far less fresh memory
 RESUME_ROOT = Path(".cache/resume")  # checkpoints of an unfinished stage; not a DVC output
-CHECKPOINT_EVERY_S = 30.0  # a crash loses at most this much training; sub-second epochs do not each pay a write
+DEFAULT_CHECKPOINT_EVERY_S = 30.0  # a crash loses at most this much training; sub-second epochs do not each pay a write
 
 
 @dataclass(frozen=True)
@@ -127,22 +128,31 @@ def check_resources(n_images: int, activation_shape, dtype: str, label: str) -> 
         )
 
 
-def resume_dir(stage: str, params, *inputs) -> Path:
-    """Checkpoint folder for this stage, params and input files (by size and mtime).
+def resume_dir(stage: str, stage_params: dict, *inputs) -> Path:
+    """Checkpoint folder for this stage's code, params and input files.
 
-    A rerun with the same params and inputs resumes; anything changed starts afresh.
+    The key holds the content of the stage's own source files (pneumonia.codedeps), its params (only those it
+    reads) and its inputs by size and mtime, so a rerun after a crash resumes and anything changed starts afresh.
+    Checkpoint folders of this stage under any other key are orphans and are deleted.
     """
     files = {}
     for path in map(Path, inputs):
         for f in sorted([path] if path.is_file() else path.rglob("*")):
             if f.is_file():
                 files[str(f)] = [f.stat().st_size, f.stat().st_mtime_ns]
-    fingerprint = json.dumps({"params": dataclasses.asdict(params), "inputs": files}, sort_keys=True)
-    return RESUME_ROOT / f"{stage}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+    code = {name: hashlib.sha256((codedeps.ROOT / name).read_bytes()).hexdigest() for name in codedeps.stage_code(stage)}
+    fingerprint = json.dumps({"params": stage_params, "inputs": files, "code": code}, sort_keys=True, default=str)
+    folder = RESUME_ROOT / f"{stage}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+    for orphan in RESUME_ROOT.glob(f"{stage}-*"):
+        if orphan != folder:
+            shutil.rmtree(orphan, ignore_errors=True)
+    return folder
 
 
 class Batches(keras.utils.PyDataset):
     """Batches gathered by index from in-memory arrays, in a new seeded order every epoch when `seed` is given.
+
+    Epoch e's order depends only on (seed, e), so a resumed run draws the same orders as an uninterrupted one.
 
     Why not fit's own route for arrays: it turns each array into a tensor (tf.data from_tensors), which on
     TensorFlow 2.21 holds two more copies of it, so phase 2 would peak at about four times its activation cache;
@@ -152,8 +162,8 @@ class Batches(keras.utils.PyDataset):
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = None):
         super().__init__(workers=1, use_multiprocessing=False)
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self._rng = None if seed is None else np.random.default_rng(seed)
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
+        self.epoch = 0  # the epoch the next on_epoch_begin starts
         self._order = np.arange(len(y))
 
     def __len__(self) -> int:
@@ -164,8 +174,9 @@ class Batches(keras.utils.PyDataset):
         return self.x[rows], self.y[rows]
 
     def on_epoch_begin(self) -> None:  # not on_epoch_end: Keras also calls that once before training, after a peek
-        if self._rng is not None:
-            self._order = self._rng.permutation(len(self.y))
+        if self.seed is not None:
+            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.y))
+        self.epoch += 1
 
 
 def _for_fit(batches: Batches):
@@ -199,44 +210,116 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     return {0: float(weights[0]), 1: float(weights[1])}
 
 
-class Checkpoint(keras.callbacks.BackupAndRestore):
-    """Keras BackupAndRestore, writing at the end of an epoch only once CHECKPOINT_EVERY_S have passed since the last write."""
+def checkpoint_interval() -> float:
+    """Seconds between checkpoints (PNEUMONIA_CHECKPOINT_EVERY_S; tests set 0 to write one every epoch)."""
+    return float(os.environ.get("PNEUMONIA_CHECKPOINT_EVERY_S", DEFAULT_CHECKPOINT_EVERY_S))
 
-    def __init__(self, backup_dir):
-        super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=True)
+
+class KeepBest(keras.callbacks.EarlyStopping):
+    """EarlyStopping on validation AUC that restores the best epoch's weights, and can start from a saved state."""
+
+    def __init__(self, patience: int):
+        super().__init__(monitor="val_auc", mode="max", patience=patience, restore_best_weights=True)
+        self.resume_state = None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)  # resets the state
+        if self.resume_state is not None:
+            state, self.best_weights = self.resume_state
+            self.best, self.wait, self.best_epoch = state["best"], state["wait"], state["best_epoch"]
+
+    def state(self) -> dict:
+        return {"best": None if self.best is None else float(self.best), "wait": int(self.wait),
+                "best_epoch": int(self.best_epoch)}
+
+
+class Checkpoint(keras.callbacks.Callback):
+    """Everything the next epoch depends on, written at an epoch end at most every checkpoint_interval() seconds.
+
+    A checkpoint holds every model variable (weights, BatchNorm statistics and dropout's random-generator state,
+    which `save_weights` leaves out), the optimizer's variables, EarlyStopping's best score, weights and wait
+    count, and every finished epoch's logs (DVC deletes dvclive/ before a rerun, so the curves so far must come
+    from here). Each one is written to a temporary folder and renamed, so a kill mid-write leaves the previous one.
+    """
+
+    def __init__(self, folder: Path, early: KeepBest, history: list):
+        super().__init__()
+        self.folder, self.early, self.history = Path(folder), early, history
         self._last_write = time.monotonic()
 
+    def _latest(self) -> Path | None:
+        done = sorted(self.folder.glob("epoch-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+        return done[-1] if done else None
+
+    def restore(self, model: keras.Model) -> int:
+        """Load the latest checkpoint into `model`, the callbacks and the history; return the epochs it finished."""
+        latest = self._latest()
+        if latest is None:
+            return 0
+        state = json.loads((latest / "state.json").read_text())
+        with np.load(latest / "variables.npz") as saved:
+            model.optimizer.build(model.trainable_variables)
+            for i, variable in enumerate([*model.variables, *model.optimizer.variables]):
+                variable.assign(saved[f"v{i}"])
+            best = [saved[f"best{i}"] for i in range(state["best_weights"])] if state["best_weights"] else None
+        self.early.resume_state = (state["early"], best)
+        self.history[:] = state["history"]
+        return state["epoch"]
+
     def on_epoch_end(self, epoch, logs=None):
-        if time.monotonic() - self._last_write >= CHECKPOINT_EVERY_S:
-            super().on_epoch_end(epoch, logs)
-            self._last_write = time.monotonic()
+        last = epoch + 1 == self.params["epochs"] or self.model.stop_training  # training ends here anyway
+        if last or time.monotonic() - self._last_write < checkpoint_interval():
+            return
+        arrays = {f"v{i}": keras.ops.convert_to_numpy(v)
+                  for i, v in enumerate([*self.model.variables, *self.model.optimizer.variables])}
+        best = self.early.best_weights or []
+        arrays |= {f"best{i}": w for i, w in enumerate(best)}
+        state = {"epoch": epoch + 1, "early": self.early.state(), "best_weights": len(best), "history": self.history}
+        tmp = self.folder / f".epoch-{epoch + 1}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        np.savez(tmp / "variables.npz", **arrays)
+        (tmp / "state.json").write_text(json.dumps(state))
+        os.replace(tmp, self.folder / f"epoch-{epoch + 1}")
+        for older in self.folder.glob("epoch-*[0-9]"):
+            if older.name != f"epoch-{epoch + 1}":
+                shutil.rmtree(older, ignore_errors=True)
+        print(f"  checkpoint after epoch {epoch + 1}", flush=True)
+        self._last_write = time.monotonic()
 
 
 class LiveMetrics(keras.callbacks.Callback):
     """Each epoch's metrics to DVCLive under the names dvclive.keras.DVCLiveCallback uses (train/loss, eval/auc, ...).
 
     DVCLiveCallback subclasses tf.keras.callbacks.Callback, which imports TensorFlow on every backend;
-    this one is plain Keras 3, so training under KERAS_BACKEND=jax does not need TensorFlow.
+    this one is plain Keras 3, so training under KERAS_BACKEND=jax does not need TensorFlow. Every epoch's
+    logs are also kept in `history` (for checkpoints and the summary).
     """
 
-    def __init__(self, live):
+    def __init__(self, live, history: list):
         super().__init__()
-        self.live = live
+        self.live, self.history = live, history
 
-    def on_epoch_end(self, epoch, logs=None):
+    def log(self, logs: dict) -> None:
         from dvclive.utils import standardize_metric_name
 
-        for name, value in (logs or {}).items():
+        for name, value in logs.items():
             self.live.log_metric(standardize_metric_name(name, "dvclive.keras"), value)
         self.live.next_step()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {name: float(value) for name, value in (logs or {}).items()}
+        self.history.append(logs)
+        self.log(logs)
 
 
 def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size, runtime: Runtime, live_dir,
         backup_dir: Path | None = None) -> dict:
-    """Train `trainable` on (inputs, labels) pairs; restore the epoch with the best validation AUC.
+    """Train `trainable` on (inputs, labels) pairs; keep the epoch with the best validation AUC.
 
-    With `backup_dir`, a checkpoint is written at epoch ends (see Checkpoint) and a rerun after a crash resumes
-    from it; the folder is deleted when training completes.
+    With `backup_dir`, checkpoints are written there (see Checkpoint) and a rerun after a crash resumes from the
+    latest one, giving the same weights, curves and summary as a run that was never interrupted; the folder is
+    deleted when training completes. DVCLive's summary holds the kept epoch's values, not the last epoch's.
     """
     with runtime.scope():
         trainable.compile(
@@ -245,23 +328,37 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
             metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
             jit_compile=runtime.jit_compile,
         )
-    early = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience, restore_best_weights=True)
+    early, history = KeepBest(patience), []
     callbacks = [early]
+    batches = Batches(*train, batch_size, seed=int(np.random.randint(2**31)))
+    start = 0
     if backup_dir is not None:
-        if (Path(backup_dir) / "training_metadata.json").exists():
-            done = json.loads((Path(backup_dir) / "training_metadata.json").read_text()).get("epoch", 0)
-            print(f"  resuming an interrupted run after epoch {done} from {backup_dir}", flush=True)
-        callbacks.append(Checkpoint(backup_dir))
+        checkpoint = Checkpoint(backup_dir, early, history)
+        start = batches.epoch = checkpoint.restore(trainable)
+        if start:
+            print(f"  resuming an interrupted run after epoch {start} from {backup_dir}", flush=True)
+        callbacks.append(checkpoint)
     print(f"  training {len(trainable.trainable_weights)} weight tensors for up to {epochs} epochs on "
           f"{len(train[1])} images ({len(val[1])} for validation)", flush=True)
     with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
-        trainable.fit(
-            _for_fit(Batches(*train, batch_size, seed=int(np.random.randint(2**31)))),
-            validation_data=_for_fit(Batches(*val, batch_size)),
-            class_weight=class_weights(train[1]), shuffle=False, epochs=epochs, verbose=2,  # Batches orders itself
-            callbacks=[*callbacks, LiveMetrics(live)],
-        )
+        live_metrics = LiveMetrics(live, history)
+        for logs in history:  # the curves of the epochs before an interruption
+            live_metrics.log(logs)
+        stopped = early.resume_state is not None and early.resume_state[0]["wait"] >= patience
+        if start < epochs and not stopped:
+            trainable.fit(
+                _for_fit(batches), validation_data=_for_fit(Batches(*val, batch_size)),
+                class_weight=class_weights(train[1]), shuffle=False, epochs=epochs, initial_epoch=start,
+                verbose=2, callbacks=[*callbacks, live_metrics],  # Batches orders itself
+            )
+        else:  # interrupted after the last epoch: only the best weights were still to be restored
+            early.on_train_begin()
+            trainable.set_weights(early.best_weights)
+        kept = history[early.best_epoch]
         summary = {"best_epoch": int(early.best_epoch) + 1, "best_val_auc": round(float(early.best), 4)}
+        # `dvc exp show` compares these: the kept epoch's values, the ones the saved model has.
+        live.summary["train"] = {k: v for k, v in kept.items() if not k.startswith("val_")}
+        live.summary["eval"] = {k[len("val_"):]: v for k, v in kept.items() if k.startswith("val_")}
         live.summary.update(summary)
     if backup_dir is not None:
         shutil.rmtree(backup_dir, ignore_errors=True)

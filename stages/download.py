@@ -1,18 +1,37 @@
-"""Stage 1: get PneumoniaMNIST (download with MD5 check, or a local .npz) into data/raw/."""
+"""Stage 1: get PneumoniaMNIST (download with MD5 check, or a local .npz) into data/raw/.
+
+It runs on every `dvc repro` (always_changed: a local file can change at the same path) and rewrites
+data/raw only when the source's content differs from what is there, so later stages skip otherwise.
+"""
+import json
 from pathlib import Path
 
 from pneumonia import data, files, stage
 
 RAW_DIR = Path("data/raw")
+RAW_NPZ = RAW_DIR / "pneumoniamnist.npz"
+PROVENANCE = RAW_DIR / "provenance.json"
+
+
+def _previous() -> dict | None:
+    try:
+        return json.loads(PROVENANCE.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def main(params):
+    source = params.data.source
+    previous = _previous()
+    if data.is_current(source, RAW_NPZ, previous):
+        print(f"download: {source} unchanged (MD5 {previous['md5']}); data/raw kept", flush=True)
+        return
     info = data.dataset_info()
-    print(f"download: source {params.data.source}", flush=True)
-    provenance = data.fetch(params.data.source, RAW_DIR / "pneumoniamnist.npz", info)
+    print(f"download: source {source}", flush=True)
+    provenance = data.fetch(source, RAW_NPZ, info)
     if "warning" in provenance:
-        print(f"warning: {params.data.source}: {provenance['warning']} (expected for a re-ordered copy; the content was validated)")
-    files.write_json(RAW_DIR / "provenance.json", provenance)
+        print(f"warning: {source}: {provenance['warning']} (expected for a re-ordered copy; the content was validated)")
+    files.write_json(PROVENANCE, provenance)
     for split, counts in provenance["class_counts"].items():
         print(f"  {split}: {counts}")
 

@@ -15,8 +15,9 @@ def main(params):
         val, test, evaluate.logits(net, val[0], params.batch_size), evaluate.logits(net, test[0], params.batch_size),
         params, Path("metrics/metrics.json"), Path("metrics/predictions.csv"), Path("plots"),
     )
+    record = json.loads(Path("models/model.json").read_text())
     provenance = json.loads(Path("data/raw/provenance.json").read_text())
-    card.write(Path("reports/model_card.md"), result, params, provenance)
+    card.write(Path("reports/model_card.md"), result, params, record, provenance)
     t = result["test"]
     print(f"evaluate: threshold {t['threshold']:.4f}: sensitivity {t['recall']}, specificity {t['specificity']}, "
           f"F1 {t['f1']}, ROC AUC {t['roc_auc']} (FP {t['fp']}, FN {t['fn']})", flush=True)

@@ -1,29 +1,38 @@
 """Stage 4 (phase 2): unfreeze from fine_tune.unfreeze_from up; the frozen prefix runs once per image."""
+import json
 from pathlib import Path
 
-from pneumonia import data, model, stage, train
+from pneumonia import data, files, model, params as params_lib, stage, train
 
 RESIZED_DIR = Path("data/resized")
-HEAD_MODEL = Path("models/head.keras")
-FINAL_MODEL = Path("models/model.keras")
+HEAD_MODEL, HEAD_RECORD = Path("models/head.keras"), Path("models/head.json")
+FINAL_MODEL, FINAL_RECORD = Path("models/model.keras"), Path("models/model.json")
 
 
 def main(params):
     runtime = train.configure(params.seed, params.compute)
     print(f"fine_tune: {runtime.describe()}", flush=True)
+    block = params_lib.unfreeze_block(params.fine_tune.unfreeze_from, params.model.weights)
+    # Without pretrained weights there are no statistics to protect, so BatchNorm learns too.
+    train_batchnorm = params.model.weights == "none"
+    trained = model.describe_trainable(block, params.model.weights, train_batchnorm)
+    print(f"fine_tune: {trained}", flush=True)
     train_split, val_split = data.load_split(RESIZED_DIR, "train"), data.load_split(RESIZED_DIR, "val")
     with runtime.scope():
         net = model.load(HEAD_MODEL)
     summary = train.fine_tune(
-        net, train_split, val_split, block=params.fine_tune.unfreeze_from,
-        # Without pretrained weights there are no statistics to protect, so BatchNorm learns too.
-        train_batchnorm=params.model.weights == "none", cache_dtype=params.compute.cache_dtype,
-        lr=params.fine_tune.lr, epochs=params.fine_tune.epochs, patience=params.fine_tune.patience,
-        batch_size=params.batch_size, runtime=runtime, live_dir="dvclive/fine_tune",
-        backup_dir=train.resume_dir("fine_tune", params, RESIZED_DIR, HEAD_MODEL),
+        net, train_split, val_split, block=block, train_batchnorm=train_batchnorm,
+        cache_dtype=params.compute.cache_dtype, lr=params.fine_tune.lr, epochs=params.fine_tune.epochs,
+        patience=params.fine_tune.patience, batch_size=params.batch_size, runtime=runtime,
+        live_dir="dvclive/fine_tune",
+        backup_dir=train.resume_dir("fine_tune", params.listed(), RESIZED_DIR, HEAD_MODEL, HEAD_RECORD),
     )
     print(f"fine_tune: best epoch {summary['best_epoch']}, validation AUC {summary['best_val_auc']}", flush=True)
     train.save(net, FINAL_MODEL)
+    record = json.loads(HEAD_RECORD.read_text())
+    record["fine_tune"] = {"params": params.listed(), "unfreeze_from": block, "batchnorm_trained": train_batchnorm,
+                           "trained": trained, **summary}
+    files.write_json(FINAL_RECORD, record)
 
 
 if __name__ == "__main__":

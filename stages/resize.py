@@ -17,6 +17,7 @@ def main(params):
             with open(tmp, "wb") as f:
                 np.savez(f, images=images, labels=arrays[f"{split}_labels"].reshape(-1))
         print(f"  {split}: {len(images)} images -> {params.image_size}x{params.image_size} ({params.resize.interpolation})", flush=True)
+    files.write_json(RESIZED_DIR / "record.json", {"resize": params.listed()})  # what the model card states
 
 
 if __name__ == "__main__":
