@@ -329,31 +329,25 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
             jit_compile=runtime.jit_compile,
         )
     early, history = KeepBest(patience), []
-    callbacks = [early]
     batches = Batches(*train, batch_size, seed=int(np.random.randint(2**31)))
-    start = 0
-    if backup_dir is not None:
-        checkpoint = Checkpoint(backup_dir, early, history)
-        start = batches.epoch = checkpoint.restore(trainable)
-        if start:
-            print(f"  resuming an interrupted run after epoch {start} from {backup_dir}", flush=True)
-        callbacks.append(checkpoint)
+    checkpoint = Checkpoint(backup_dir, early, history) if backup_dir is not None else None
+    # No checkpoint is written after the last epoch, so a resumed run always has epochs left to train.
+    start = batches.epoch = checkpoint.restore(trainable) if checkpoint else 0
+    if start:
+        print(f"  resuming an interrupted run after epoch {start} from {backup_dir}", flush=True)
     print(f"  training {len(trainable.trainable_weights)} weight tensors for up to {epochs} epochs on "
           f"{len(train[1])} images ({len(val[1])} for validation)", flush=True)
     with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         live_metrics = LiveMetrics(live, history)
         for logs in history:  # the curves of the epochs before an interruption
             live_metrics.log(logs)
-        stopped = early.resume_state is not None and early.resume_state[0]["wait"] >= patience
-        if start < epochs and not stopped:
-            trainable.fit(
-                _for_fit(batches), validation_data=_for_fit(Batches(*val, batch_size)),
-                class_weight=class_weights(train[1]), shuffle=False, epochs=epochs, initial_epoch=start,
-                verbose=2, callbacks=[*callbacks, live_metrics],  # Batches orders itself
-            )
-        else:  # interrupted after the last epoch: only the best weights were still to be restored
-            early.on_train_begin()
-            trainable.set_weights(early.best_weights)
+        # In this order at each epoch end: EarlyStopping's state and the logs are final before a checkpoint.
+        callbacks = [early, live_metrics, *([checkpoint] if checkpoint else [])]
+        trainable.fit(
+            _for_fit(batches), validation_data=_for_fit(Batches(*val, batch_size)),
+            class_weight=class_weights(train[1]), shuffle=False, epochs=epochs, initial_epoch=start,
+            verbose=2, callbacks=callbacks,  # Batches orders itself
+        )
         kept = history[early.best_epoch]
         summary = {"best_epoch": int(early.best_epoch) + 1, "best_val_auc": round(float(early.best), 4)}
         # `dvc exp show` compares these: the kept epoch's values, the ones the saved model has.

@@ -1,63 +1,126 @@
 import json
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-from pneumonia import train
+from pneumonia import codedeps, train
 from pneumonia.errors import PipelineError
 from pneumonia.params import ComputeParams
 
 
-class StopAfterFirstEpoch(keras.callbacks.Callback):
+class StopAfterEpoch(keras.callbacks.Callback):
+    """Raise what SIGTERM becomes in a stage once `epoch` epochs have finished (after the checkpoint callback)."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
     def on_epoch_end(self, epoch, logs=None):
-        if epoch == 0:
-            raise KeyboardInterrupt  # what SIGTERM becomes in a stage
+        if epoch + 1 == self.epoch:
+            raise KeyboardInterrupt
 
 
 def _head():
     inputs = keras.Input((8,))
-    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(inputs))
+    hidden = keras.layers.Dropout(0.3)(keras.layers.Dense(16, activation="relu")(inputs))  # dropout: an RNG to resume
+    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(hidden))
 
 
-def _data(seed):
+def _data(seed, n=64):
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(64, 8)).astype("float32")
-    return x, (x[:, 0] > 0).astype("int32")
+    x = rng.normal(size=(n, 8)).astype("float32")
+    return x, (x[:, 0] + rng.normal(scale=0.8, size=n) > 0).astype("int32")
 
 
-def test_interrupted_training_resumes_from_last_epoch_then_cleans_up(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train, "CHECKPOINT_EVERY_S", 0.0)  # these epochs take milliseconds
+def _curves(live_dir):
+    """metric name -> [(step, value)] from DVCLive's .tsv files (their timestamps differ between runs)."""
+    curves = {}
+    for tsv in sorted(Path(live_dir, "plots", "metrics").rglob("*.tsv")):
+        header, *rows = [line.split("\t") for line in tsv.read_text().splitlines()]
+        step = header.index("step")  # the value is the last column; a timestamp column may come first
+        curves[tsv.relative_to(live_dir).as_posix()] = [(int(r[step]), float(r[-1])) for r in rows]
+    return curves
+
+
+def _train(tmp_path, name, stop_after=None):
+    """A fresh process's view: seeded, new model; train.fit with checkpoints every epoch, maybe killed."""
+    keras.utils.set_random_seed(0)
     runtime = train.configure(0, ComputeParams())
-    backup = tmp_path / "resume"
-    args = dict(lr=1e-2, epochs=3, patience=3, batch_size=16, runtime=runtime, live_dir=tmp_path / "live", backup_dir=backup)
-
     model = _head()
+    extra = [StopAfterEpoch(stop_after)] if stop_after else []
     original_fit = keras.Model.fit
-    monkeypatch.setattr(keras.Model, "fit", lambda self, *a, **kw: original_fit(
-        self, *a, **{**kw, "callbacks": [*kw["callbacks"], StopAfterFirstEpoch()]}))
-    with pytest.raises(KeyboardInterrupt):
-        train.fit(model, _data(0), _data(1), **args)
-    assert (backup / "training_metadata.json").exists()
-    monkeypatch.setattr(keras.Model, "fit", original_fit)
-
-    summary = train.fit(_head(), _data(0), _data(1), **args)
-    assert "resuming an interrupted run after epoch 1" in capsys.readouterr().out
-    assert not backup.exists()  # deleted on success
-    assert summary["best_epoch"] >= 1
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(keras.Model, "fit", lambda self, *a, **kw: original_fit(
+            self, *a, **{**kw, "callbacks": [*kw["callbacks"], *extra]}))
+        summary = train.fit(model, _data(0), _data(1, 48), lr=0.05, epochs=12, patience=2, batch_size=16,
+                            runtime=runtime, live_dir=tmp_path / name, backup_dir=tmp_path / "resume" / name)
+    return model, summary
 
 
-def test_resume_dir_changes_with_params_and_inputs(tmp_path):
-    from pneumonia.params import Params, from_dict
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    """Killed after epoch k, then rerun: the same weights, summary, curves and DVCLive summary."""
+    monkeypatch.setenv("PNEUMONIA_CHECKPOINT_EVERY_S", "0")
+    reference, summary = _train(tmp_path, "uninterrupted")
+    steps = len(_curves(tmp_path / "uninterrupted")["plots/metrics/eval/auc.tsv"])
+    # Early stopping restored an earlier epoch, so its state (best score, weights, wait count) matters on resume.
+    assert (summary["best_epoch"], steps) == (6, 8)  # the run these kill points are chosen for
+    # After epoch 2: early in training. After 6: the best epoch just passed. After 7: one epoch without
+    # improvement is counted, and the run stops after the next one and restores epoch 6.
+    for k in (2, 6, 7):
+        name = f"killed-after-{k}"
+        with pytest.raises(KeyboardInterrupt):
+            _train(tmp_path, name, stop_after=k)
+        assert (tmp_path / "resume" / name / f"epoch-{k}" / "state.json").exists()
+        capsys.readouterr()
+        model, resumed = _train(tmp_path, name)
+        assert f"resuming an interrupted run after epoch {k}" in capsys.readouterr().out
+        assert not (tmp_path / "resume" / name).exists()  # deleted on success
+        assert resumed == summary
+        for a, b in zip(model.get_weights(), reference.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        assert _curves(tmp_path / name) == _curves(tmp_path / "uninterrupted")
+        assert (tmp_path / name / "metrics.json").read_text() == (tmp_path / "uninterrupted" / "metrics.json").read_text()
 
+
+def test_summary_holds_the_kept_epoch_and_the_curves_every_epoch(tmp_path):
+    """`dvc exp show` reads DVCLive's summary: it must be the restored (best) epoch's values, not the last one's."""
+    _, summary = _train(tmp_path, "run")
+    curves = _curves(tmp_path / "run")
+    best = summary["best_epoch"] - 1
+    assert len(curves["plots/metrics/eval/auc.tsv"]) > summary["best_epoch"]  # later epochs were logged too
+    logged = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for split in ("train", "eval"):
+        for metric in ("loss", "auc", "accuracy"):
+            assert logged[split][metric] == curves[f"plots/metrics/{split}/{metric}.tsv"][best][1]
+    assert logged["eval"]["auc"] == max(v for _, v in curves["plots/metrics/eval/auc.tsv"])
+    assert logged["eval"]["loss"] != curves["plots/metrics/eval/loss.tsv"][-1][1]
+
+
+def test_resume_dir_changes_with_code_params_and_inputs_and_drops_orphans(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     data = tmp_path / "d.npz"
     data.write_bytes(b"x")
-    a = train.resume_dir("train_head", Params(), data)
-    assert a == train.resume_dir("train_head", Params(), data)
-    assert a != train.resume_dir("train_head", from_dict({"lr": 3e-4}), data)
+    a = train.resume_dir("train_head", {"lr": 1e-4}, data)
+    a.mkdir(parents=True)
+    assert a == train.resume_dir("train_head", {"lr": 1e-4}, data) and a.exists()
+    b = train.resume_dir("train_head", {"lr": 3e-4}, data)
+    assert b != a and not a.exists()  # the orphan of the old params is gone
+    other_stage = train.resume_dir("fine_tune", {"lr": 1e-4}, data)
+    other_stage.mkdir(parents=True)
     data.write_bytes(b"xy")
-    assert a != train.resume_dir("train_head", Params(), data)
+    assert train.resume_dir("train_head", {"lr": 3e-4}, data) != b
+    assert other_stage.exists()  # another stage's checkpoint is not this stage's orphan
+    # The code: a checkpoint made by other code is never loaded.
+    copy = tmp_path / "copy"
+    for name in codedeps.stage_code("train_head"):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_bytes((codedeps.ROOT / name).read_bytes())
+    monkeypatch.setattr(codedeps, "ROOT", copy)
+    before = train.resume_dir("train_head", {"lr": 3e-4}, data)
+    (copy / "pneumonia" / "train.py").write_bytes((copy / "pneumonia" / "train.py").read_bytes() + b"\n# an edit\n")
+    assert train.resume_dir("train_head", {"lr": 3e-4}, data) != before
 
 
 def test_resource_check_refuses_a_cache_that_cannot_fit():
@@ -96,7 +159,9 @@ def test_live_metrics_uses_dvclive_keras_names(tmp_path):
     from dvclive import Live
 
     with Live(dir=str(tmp_path), dvcyaml=False, save_dvc_exp=False) as live:
-        train.LiveMetrics(live).on_epoch_end(0, {"loss": 0.5, "auc": 0.75, "val_loss": 0.25, "val_auc": 1.0})
+        history = []
+        train.LiveMetrics(live, history).on_epoch_end(0, {"loss": 0.5, "auc": 0.75, "val_loss": 0.25, "val_auc": 1.0})
+    assert history == [{"loss": 0.5, "auc": 0.75, "val_loss": 0.25, "val_auc": 1.0}]
     logged = json.loads((tmp_path / "metrics.json").read_text())
     assert logged["train"] == {"loss": 0.5, "auc": 0.75} and logged["eval"] == {"loss": 0.25, "auc": 1.0}
 
