@@ -68,9 +68,16 @@ def set_trainable(model: keras.Model, block: str | None, train_batchnorm: bool) 
         layer.trainable = id(layer) in trainable and (train_batchnorm or not is_bn)
 
 
-def logits_model(model: keras.Model) -> keras.Model:
-    """Same weights, outputs the pre-sigmoid logit (for temperature scaling)."""
-    return keras.Model(model.input, model.get_layer(LOGIT).output)
+def logits_model(model: keras.Model, source=None) -> keras.Model:
+    """Same weights, outputs the pre-sigmoid logit (for temperature scaling); `source` names the model in errors."""
+    try:
+        logit = model.get_layer(LOGIT)
+    except ValueError:
+        raise PipelineError(
+            f"model: {source or model.name} has no '{LOGIT}' layer; it is not a model trained by this pipeline, "
+            "retrain with dvc repro"
+        ) from None
+    return keras.Model(model.input, logit.output)
 
 
 def load(path) -> keras.Model:
