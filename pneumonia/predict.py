@@ -113,7 +113,9 @@ def read_npz_test_images(path: Path) -> np.ndarray:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"not a readable .npz file ({exc})") from None
     if images.dtype != np.uint8 or images.ndim != 3 or 0 in images.shape:
-        raise InputError(f"test_images is {images.dtype} {images.shape}; expected (N, H, W) uint8 grayscale, N, H and W at least 1")
+        raise InputError(
+            f"test_images is {images.dtype} {images.shape}; expected (N, H, W) uint8 grayscale, N, H and W at least 1"
+        )
     return images
 
 

@@ -100,7 +100,8 @@ def test_any_accepted_seed_works_in_numpy(seed):
 
 
 # No field name starts with "x", so every key here is unknown.
-_KEYS = st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.none(), st.from_regex(r"x[a-z_]{0,7}", fullmatch=True))
+_KEYS = st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.none(),
+                  st.from_regex(r"x[a-z_]{0,7}", fullmatch=True))
 
 
 @settings(max_examples=150, deadline=None)
