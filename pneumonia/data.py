@@ -73,11 +73,18 @@ def load_npz(path: str | Path, info: DatasetInfo) -> dict[str, np.ndarray]:
         raise PipelineError(f"data: {name} is a directory; point data.source at a .npz file")
     if not path.exists():
         raise PipelineError(f"data: {name} does not exist; set data.source to 'medmnist' or to an existing .npz")
-    if path.stat().st_size == 0:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = f.read(4)
+    except OSError as exc:  # unreadable: permissions, a broken disk, a special file
+        raise PipelineError(
+            f"data: cannot read {name} ({exc.strerror or exc}); check its permissions or point data.source at a readable .npz"
+        ) from None
+    if size == 0:
         raise PipelineError(f"data: {name} is empty (0 bytes); download it again or fix data.source")
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
-            raise PipelineError(f"data: {name} is not an .npz file (no zip header); point data.source at a MedMNIST .npz")
+    if header != b"PK\x03\x04":  # every .npz is a zip archive
+        raise PipelineError(f"data: {name} is not an .npz file (no zip header); point data.source at a MedMNIST .npz")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
@@ -107,7 +114,7 @@ def validate(arrays: dict[str, np.ndarray], info: DatasetInfo, name: str = "data
             )
         if images.ndim != 3 or images.shape[1:] != (28, 28):
             raise PipelineError(f"data: {name}: {split}_images has shape {images.shape}; expected (N, 28, 28) grayscale")
-        if labels.shape != (len(labels), 1) or len(labels) != len(images):
+        if labels.shape != (len(images), 1):  # a shape comparison: len() fails on 0-d arrays
             raise PipelineError(
                 f"data: {name}: {split}_labels has shape {labels.shape} for {len(images)} images; expected ({len(images)}, 1)"
             )
@@ -116,6 +123,11 @@ def validate(arrays: dict[str, np.ndarray], info: DatasetInfo, name: str = "data
         bad = np.setdiff1d(np.unique(labels), [0, 1])
         if bad.size:
             raise PipelineError(f"data: {name}: {split} labels contain {bad.tolist()}; only 0 (normal) and 1 (pneumonia) are allowed")
+        if np.unique(labels).size < 2:  # sensitivity, specificity and AUC need both classes
+            raise PipelineError(
+                f"data: {name}: the {split} split has only label {int(labels[0, 0])}; every split needs both normal (0) "
+                "and pneumonia (1) images, use the official file or a copy in the same layout"
+            )
         if len(images) != info.n_samples[split]:
             raise PipelineError(
                 f"data: {name}: the {split} split has {len(images)} samples, PneumoniaMNIST has {info.n_samples[split]}; "

@@ -11,11 +11,10 @@ than SUMMARY_CAP).
 """
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from pneumonia import gradcam, plots
 from pneumonia.evaluate import read_predictions
@@ -66,12 +65,12 @@ def write(images, model, predictions_csv: Path, threshold: float, cases: int, se
     plots.gradcam_summary({group: np.array([heatmap[i] for i in idx]) for group, idx in summary.items()},
                           gradcam.lung_box(*images.shape[1:3]), grid_dir / "gradcam_summary.png")
 
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["index", "label", "probability", "error", "confidence_rank", "heat_outside_lung"])
-    for kind in ("false_negatives", "false_positives"):
-        for rank, i in enumerate(chosen[kind], 1):
-            outside = f"{gradcam.heat_outside_lung(heatmap[i]):.4f}" if i in heatmap else ""
-            writer.writerow([int(i), int(labels[i]), f"{probs[i]:.6f}", kind.replace("_", " ")[:-1], rank, outside])
-    write_text(errors_csv, out.getvalue())
+    table = pd.concat([
+        pd.DataFrame({"index": chosen[kind], "label": labels[chosen[kind]], "probability": probs[chosen[kind]],
+                      "error": kind.replace("_", " ")[:-1], "confidence_rank": np.arange(1, len(chosen[kind]) + 1),
+                      "heat_outside_lung": [f"{gradcam.heat_outside_lung(heatmap[i]):.4f}" if i in heatmap else ""
+                                            for i in chosen[kind].tolist()]})
+        for kind in ("false_negatives", "false_positives")
+    ])
+    write_text(errors_csv, table.to_csv(index=False, lineterminator="\n"))  # probabilities exact, as in predictions.csv
     return {"fn": len(chosen["false_negatives"]), "fp": len(chosen["false_positives"]), "gradcam": len(needed)}

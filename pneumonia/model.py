@@ -81,9 +81,16 @@ def describe_trainable(block: str, weights: str, train_batchnorm: bool) -> str:
             f"{batchnorm}")
 
 
-def logits_model(model: keras.Model) -> keras.Model:
-    """Same weights, outputs the pre-sigmoid logit (for temperature scaling)."""
-    return keras.Model(model.input, model.get_layer(LOGIT).output)
+def logits_model(model: keras.Model, source=None) -> keras.Model:
+    """Same weights, outputs the pre-sigmoid logit (for temperature scaling); `source` names the model in errors."""
+    try:
+        logit = model.get_layer(LOGIT)
+    except ValueError:
+        raise PipelineError(
+            f"model: {source or model.name} has no '{LOGIT}' layer; it is not a model trained by this pipeline, "
+            "retrain with dvc repro"
+        ) from None
+    return keras.Model(model.input, logit.output)
 
 
 def load(path) -> keras.Model:

@@ -107,7 +107,7 @@ class Params:
 
 # Range checks: key -> (predicate, what the value must be).
 _RULES = {
-    "seed": (lambda v: v >= 0, "a non-negative integer"),
+    "seed": (lambda v: 0 <= v <= 2**32 - 1, "between 0 and 4294967295 (2**32 - 1, NumPy's limit)"),
     "lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "image_size": (lambda v: 32 <= v <= 1024, "between 32 and 1024"),
     "batch_size": (lambda v: 1 <= v <= 4096, "between 1 and 4096"),
@@ -175,7 +175,7 @@ def _build(cls, data, prefix: str = ""):
         raise PipelineError(f"params: {where} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # YAML keys may mix types (1, foo)
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
         raise PipelineError(f"params: unknown key {key}; known keys here: {', '.join(sorted(names))}")

@@ -82,7 +82,7 @@ def _read_dicom(path: Path) -> np.ndarray:
         pixels = dataset.pixel_array.astype("float64")
     except (InvalidDicomError, OSError, ValueError, AttributeError, EOFError) as exc:
         raise InputError(f"not a readable DICOM file ({exc})") from None
-    if pixels.ndim != 2:
+    if pixels.ndim != 2 or pixels.size == 0:
         raise InputError(f"DICOM pixel data has shape {pixels.shape}; expected one grayscale frame")
     if dataset.get("PhotometricInterpretation") == "MONOCHROME1":  # there, high values are dark
         pixels = pixels.max() - pixels
@@ -112,8 +112,10 @@ def read_npz_test_images(path: Path) -> np.ndarray:
             images = npz["test_images"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"not a readable .npz file ({exc})") from None
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise InputError(f"test_images is {images.dtype} {images.shape}; expected (N, H, W) uint8 grayscale")
+    if images.dtype != np.uint8 or images.ndim != 3 or 0 in images.shape:
+        raise InputError(
+            f"test_images is {images.dtype} {images.shape}; expected (N, H, W) uint8 grayscale, N, H and W at least 1"
+        )
     return images
 
 
@@ -217,6 +219,7 @@ def main(argv=None) -> int:
         from pneumonia import model as model_lib
 
         net = model_lib.load(args.model)
+        logit_net = model_lib.logits_model(net, args.model)  # checked before any output is written
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -232,7 +235,7 @@ def main(argv=None) -> int:
     good = [(row, e) for row, e in enumerate(entries, 1) if e.pixels is not None]
     if good:
         images = preprocess(np.stack([e.pixels for _, e in good]), net.input_shape[1], interpolation)
-        logits = model_lib.logits_model(net).predict(images, batch_size=32, verbose=0).reshape(-1).astype("float64")
+        logits = logit_net.predict(images, batch_size=32, verbose=0).reshape(-1).astype("float64")
         for (_, entry), probability in zip(good, expit(logits / temperature)):
             entry.probability = float(probability)  # printed exactly, so the decision follows from what is shown
         if args.gradcam:

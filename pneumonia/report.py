@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-import numpy as np
+import pandas as pd
 
 from pneumonia.errors import PipelineError
 
@@ -45,8 +45,8 @@ def _value(data: dict, dotted: str):
     return data
 
 
-def summarize(found: dict[str, dict | None], names: list[str]) -> tuple[list[str], dict[str, tuple]]:
-    """(the experiments used, metric -> (mean, sample std, count)); every named one must have metrics."""
+def summarize(found: dict[str, dict | None], names: list[str]) -> tuple[list[str], pd.DataFrame]:
+    """(the experiments used, a table of metric -> mean, sample std, count); every named one must have metrics."""
     if not found:
         raise PipelineError("no experiments found; run some first, e.g. dvc exp run -S seed=1")
     unknown = [n for n in names if n not in found]
@@ -58,20 +58,23 @@ def summarize(found: dict[str, dict | None], names: list[str]) -> tuple[list[str
     used = sorted(names or [n for n, data in found.items() if data is not None])
     if not used:
         raise PipelineError(f"no experiment has {METRICS_FILE} yet")
-    stats = {}
-    for metric in METRICS:
-        values = np.array([v for n in used if isinstance(v := _value(found[n], metric), (int, float))], dtype=float)
-        mean = values.mean() if len(values) else np.nan
-        stats[metric] = (mean, values.std(ddof=1) if len(values) > 1 else np.nan, len(values))
-    return used, stats
+    # Experiments x metrics; a missing or non-numeric value (pr_auc is null with one class) is NaN and not counted.
+    table = pd.DataFrame.from_dict(
+        {n: {m: v for m in METRICS if _is_number(v := _value(found[n], m))} for n in used},
+        orient="index", columns=list(METRICS), dtype=float,
+    )
+    stats = table.agg(["mean", "std", "count"]).T  # pandas' std is the sample std (ddof=1): NaN for one value
+    return used, stats.astype({"count": int})
 
 
-def format_report(used: list[str], stats: dict[str, tuple]) -> str:
-    lines = [f"{len(used)} experiment(s): {', '.join(used)}", f"{'metric':<18}{'mean':>11} ± {'std':<6}{'n':>4}"]
-    for metric, (mean, std, n) in stats.items():
-        spread = "n/a" if np.isnan(std) else f"{std:.4f}"
-        lines.append(f"{metric:<18}{'n/a' if np.isnan(mean) else f'{mean:.4f}':>11} ± {spread:<6}{n:>4}")
-    return "\n".join(lines)
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def format_report(used: list[str], stats: pd.DataFrame) -> str:
+    shown = pd.DataFrame({"mean": stats["mean"], "±": "±", "std": stats["std"], "n": stats["count"]})
+    table = shown.to_string(float_format="{:.4f}".format, na_rep="n/a", header=["mean", "", "std", "n"])
+    return f"{len(used)} experiment(s): {', '.join(used)}\n{table}"
 
 
 def main(argv: list[str]) -> int:

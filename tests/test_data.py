@@ -47,6 +47,10 @@ def _case(name):
         "int64 labels": lambda a: a | {"test_labels": a["test_labels"].astype(np.int64)},
         "NaN in float images": lambda a: a | {"val_images": np.full((524, 28, 28), np.nan, np.float32)},
         "wrong rank": lambda a: a | {"train_images": a["train_images"][..., None]},
+        "0-d images": lambda a: a | {"val_images": np.uint8(7)},
+        "0-d labels": lambda a: a | {"test_labels": np.uint8(1)},
+        "1-d labels": lambda a: a | {"train_labels": a["train_labels"][:, 0]},
+        "one class only": lambda a: a | {"val_labels": np.ones((524, 1), np.uint8)},
         "mismatched counts": lambda a: a | {"test_labels": a["test_labels"][:-1]},
         "label 2": lambda a: a | {"train_labels": np.full((4708, 1), 2, np.uint8)},
         "label -1": lambda a: a | {"train_labels": np.full((4708, 1), -1, np.int8).astype(np.uint8)},
@@ -66,7 +70,11 @@ CASES = {
     "float64 images": "float64",
     "int64 labels": "int64",
     "NaN in float images": "float32",
-    "wrong rank": "shape",
+    "wrong rank": "train_images has shape (4708, 28, 28, 1)",
+    "0-d images": "val_images has shape ()",
+    "0-d labels": "test_labels has shape () for 624 images; expected (624, 1)",
+    "1-d labels": "train_labels has shape (4708,)",
+    "one class only": "the val split has only label 1; every split needs both normal (0) and pneumonia (1)",
     "mismatched counts": "test_labels has shape",
     "label 2": "[2]",
     "label -1": "[255]",
@@ -91,6 +99,24 @@ def test_missing_path_and_directory(tmp_path):
         data.load_npz(tmp_path / "nope.npz", INFO)
     with pytest.raises(PipelineError, match="is a directory"):
         data.load_npz(tmp_path, INFO)
+
+
+def test_unreadable_file_is_one_line(tmp_path, synthetic_npz, monkeypatch):
+    # Tests run as root, where chmod 000 still reads: the read error is simulated for this one path.
+    real_open = open
+
+    def failing_open(file, *args, **kwargs):
+        if str(file) == str(synthetic_npz):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(data, "open", failing_open, raising=False)  # data.py's open(), nothing else
+    out = tmp_path / "raw" / "pneumoniamnist.npz"
+    with pytest.raises(PipelineError) as err:
+        data.fetch(str(synthetic_npz), out, INFO)
+    assert str(err.value) == (f"data: cannot read {synthetic_npz} (Permission denied); check its permissions or "
+                              "point data.source at a readable .npz")
+    assert not (tmp_path / "raw").exists()
 
 
 def test_local_source_warns_on_md5_and_records_provenance(tmp_path, synthetic_npz):

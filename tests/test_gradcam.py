@@ -103,9 +103,16 @@ def test_error_report_has_gradcam_grids_and_column(tmp_path, monkeypatch):
         assert (tmp_path / "grids" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     with open(tmp_path / "errors.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["index", "label", "probability", "error", "confidence_rank", "heat_outside_lung"]
     fn = [r for r in rows if r["error"] == "false negative"]
     fp = [r for r in rows if r["error"] == "false positive"]
-    assert len(fn) == counts["fn"] > 3 and len(fp) == counts["fp"] > 8
+    assert len(fn) == counts["fn"] > 3 and len(fp) == counts["fp"] > 8 and rows == fn + fp
+    for group in (fn, fp):
+        assert [int(r["confidence_rank"]) for r in group] == list(range(1, len(group) + 1))
+    # The probabilities the decisions were made on, exactly: most confident first, each on the wrong side of 0.5.
+    assert all(float(r["probability"]) == probs[int(r["index"])] and int(r["label"]) == labels[int(r["index"])] for r in rows)
+    assert [float(r["probability"]) for r in fn] == sorted(float(r["probability"]) for r in fn)
+    assert all(float(r["probability"]) < 0.5 for r in fn) and all(float(r["probability"]) >= 0.5 for r in fp)
     # A false negative has a heatmap only when shown (in its grid or among the random samples);
     # a false positive when shown or in the summary's sample.
     random_shown = set(errors_report.select(labels, probs, 0.5, 3, 0)["random_samples"].tolist())

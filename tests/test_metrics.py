@@ -74,3 +74,32 @@ def test_bootstrap_ci_contains_point_and_shrinks_with_n():
     assert widths[1] < widths[0] / 2
     y, p = data(200)
     assert metrics.bootstrap_ci(y, p, 0.5, 100, seed=3) == metrics.bootstrap_ci(y, p, 0.5, 100, seed=3)
+
+
+def _labels_and_scores(n_neg=30, n_pos=70, seed=2):
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.repeat([0, 1], [n_neg, n_pos]))
+    return y, np.clip(0.3 * y + 0.7 * rng.random(len(y)), 0, 1)
+
+
+def test_every_bootstrap_resample_keeps_the_class_counts(monkeypatch):
+    y, p = _labels_and_scores()
+    seen = []
+    real = metrics.binary_metrics
+
+    def recording(labels, probs, threshold):
+        seen.append(np.bincount(labels, minlength=2).tolist())
+        return real(labels, probs, threshold)
+
+    monkeypatch.setattr(metrics, "binary_metrics", recording)
+    metrics.bootstrap_ci(y, p, 0.5, samples=200, seed=0)
+    assert len(seen) == 200 and all(counts == [30, 70] for counts in seen)
+
+
+def test_bootstrap_of_a_class_share_has_no_spread():
+    # Every image is called normal: accuracy is the share of negatives, specificity 1, recall 0.
+    # A stratified resample keeps that share, so its interval is one point; a plain resample's is not.
+    y, _ = _labels_and_scores(n_neg=20, n_pos=80)
+    p = np.full(len(y), 0.1)
+    ci = metrics.bootstrap_ci(y, p, 0.5, samples=300, seed=0)
+    assert ci["accuracy_ci"] == [0.2, 0.2] and ci["specificity_ci"] == [1.0, 1.0] and ci["recall_ci"] == [0.0, 0.0]

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import yaml
 from hypothesis import given, settings
@@ -83,3 +84,40 @@ def test_any_out_of_range_learning_rate_is_rejected(value):
 def test_any_valid_values_are_kept(size, lr):
     p = params_lib.from_dict({"image_size": size, "lr": lr})
     assert (p.image_size, p.lr) == (size, lr)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(min_value=2**32, max_value=2**128))
+def test_any_seed_beyond_numpy_is_rejected(seed):
+    with pytest.raises(PipelineError, match=r"params: seed is \d+; it must be between 0 and 4294967295"):
+        params_lib.from_dict({"seed": seed})
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.one_of(st.just(2**32 - 1), st.integers(min_value=0, max_value=2**32 - 1)))
+def test_any_accepted_seed_works_in_numpy(seed):
+    np.random.seed(params_lib.from_dict({"seed": seed}).seed)  # what keras.utils.set_random_seed calls
+
+
+# No field name starts with "x", so every key here is unknown.
+_KEYS = st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.none(),
+                  st.from_regex(r"x[a-z_]{0,7}", fullmatch=True))
+
+
+@settings(max_examples=150, deadline=None)
+@given(section=st.sampled_from(["", "model", "evaluate.threshold"]),
+       keys=st.sets(_KEYS, min_size=2, max_size=5).filter(lambda ks: len({type(k) for k in ks}) > 1))
+def test_unknown_keys_of_mixed_types_are_named(section, keys):
+    data = dict.fromkeys(keys, 1)
+    with pytest.raises(PipelineError) as err:
+        params_lib.from_dict(_nest(section, data) if section else data)
+    first = (section + "." if section else "") + str(min(keys, key=str))
+    message = str(err.value)
+    assert message.startswith(f"params: unknown key {first}; known keys here: ") and "\n" not in message
+
+
+def test_yaml_with_number_and_name_keys(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("1: a\nfoo: b\n")
+    with pytest.raises(PipelineError, match=r"^params: unknown key 1; known keys here: batch_size, "):
+        params_lib.load(path)

@@ -98,6 +98,9 @@ def _bad_file(directory, case):
         path.mkdir()
     elif case == "DICOM without pydicom":
         path.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    elif case.startswith("npz"):
+        path = path.with_suffix(".npz")
+        np.savez(path, test_images=np.zeros((0, 28, 28), np.uint8) if case == "npz without images" else np.uint8(0))
     return path  # "missing": never created
 
 
@@ -108,6 +111,8 @@ BAD_CASES = {
     "directory": "is a directory",
     "missing": "no such file",
     "DICOM without pydicom": "needs pydicom",
+    "npz without images": "test_images is uint8 (0, 28, 28); expected (N, H, W) uint8 grayscale, N, H and W at least 1",
+    "npz 0-d images": "test_images is uint8 (); expected (N, H, W)",
 }
 
 
@@ -135,6 +140,19 @@ def test_missing_model_or_metrics_is_one_line_and_exit_1(missing, trained, test_
     out, err = capsys.readouterr()
     assert status == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith(f"error: {missing}: ") and f"no-{missing}" in err
+
+
+def test_model_without_logit_layer_is_one_line_and_exit_1(trained, test_images, tmp_path, capsys):
+    inputs = keras.Input((SIZE, SIZE, 1))
+    other = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="score")(keras.layers.Flatten()(inputs)))
+    other.save(tmp_path / "other.keras")
+    status = predict.main([str(_png(tmp_path / "good.png", test_images[0])), "--model", str(tmp_path / "other.keras"),
+                           "--metrics", str(trained / "metrics.json"), "--interpolation", "bilinear",
+                           "--output", str(tmp_path / "out.csv")])
+    out, err = capsys.readouterr()
+    assert status == 1 and out == "" and not (tmp_path / "out.csv").exists()
+    assert err == (f"error: model: {tmp_path / 'other.keras'} has no 'logit' layer; it is not a model trained by this "
+                   "pipeline, retrain with dvc repro\n")
 
 
 def test_json_output_file_and_gradcam_overlays(trained, test_images, tmp_path, capsys):

@@ -1,4 +1,5 @@
 """python -m pneumonia.report: mean ± std of test metrics across experiments."""
+import math
 import sys
 
 import pytest
@@ -30,20 +31,39 @@ SHOWN = [WORKSPACE, {
 }]
 
 
+def _row(stats, metric):
+    return tuple(stats.loc[metric, ["mean", "std", "count"]])
+
+
 def test_all_experiments_with_metrics_mean_and_sample_std():
     used, stats = report.summarize(report.experiments(SHOWN), [])
     assert used == ["seed-1", "seed-2", "seed-3"]  # "failed" has no metrics.json
-    assert stats["test.recall"] == (pytest.approx(0.95), pytest.approx(0.05), 3)
-    assert stats["test.specificity"] == (pytest.approx(0.84), pytest.approx(0.04), 3)
-    assert stats["test.threshold"] == (pytest.approx(0.4), pytest.approx(0.1), 3)
-    assert stats["test.f1"] == (pytest.approx(0.9), pytest.approx(0.0), 3)
-    assert stats["test.pr_auc"][2] == 0  # None in every experiment: no values
+    assert list(stats.index) == list(report.METRICS)
+    assert _row(stats, "test.recall") == (pytest.approx(0.95), pytest.approx(0.05), 3)  # sample std: ddof=1
+    assert _row(stats, "test.specificity") == (pytest.approx(0.84), pytest.approx(0.04), 3)
+    assert _row(stats, "test.threshold") == (pytest.approx(0.4), pytest.approx(0.1), 3)
+    assert _row(stats, "test.f1") == (pytest.approx(0.9), pytest.approx(0.0), 3)
+    mean, std, count = _row(stats, "test.pr_auc")  # None in every experiment: no values
+    assert math.isnan(mean) and math.isnan(std) and count == 0
 
 
 def test_named_experiments_only():
     used, stats = report.summarize(report.experiments(SHOWN), ["seed-3", "seed-1"])
     assert used == ["seed-1", "seed-3"]
-    assert stats["test.recall"] == (pytest.approx(0.95), pytest.approx(0.0707107), 2)
+    assert _row(stats, "test.recall") == (pytest.approx(0.95), pytest.approx(0.0707107), 2)
+
+
+def test_missing_or_non_numeric_values_are_not_counted():
+    shown = [WORKSPACE, {**SHOWN[1], "experiments": [
+        _rev("a", _metrics(0.9, 0.8, 0.5)), _rev("b", _metrics(0.7, "n/a", True)),
+        _rev("c", {"recall": 0.8, "specificity": [0.8], "f1": 0.6})]}]
+    used, stats = report.summarize(report.experiments(shown), [])
+    assert _row(stats, "test.recall") == (pytest.approx(0.8), pytest.approx(0.1), 3)
+    assert _row(stats, "test.f1") == (pytest.approx(0.8), pytest.approx(0.1732051), 3)
+    assert _row(stats, "test.precision") == (pytest.approx(0.9), pytest.approx(0.0), 2)  # c has none
+    mean, std, count = _row(stats, "test.specificity")  # one value: a mean, but no sample std
+    assert (mean, count) == (pytest.approx(0.8), 1) and math.isnan(std)
+    assert _row(stats, "test.threshold")[::2] == (pytest.approx(0.5), 1)  # True is not a threshold
 
 
 @pytest.mark.parametrize("shown, names, message", [
@@ -66,6 +86,8 @@ def test_cli_prints_table_or_one_line_error(monkeypatch, capsys):
     assert len(rows) == len(report.METRICS)
     assert ["test.recall", "0.9500", "±", "0.0500", "3"] in rows
     assert ["test.pr_auc", "n/a", "±", "n/a", "0"] in rows
+    assert report.main(["seed-2"]) == 0  # one experiment: no sample std
+    assert ["test.recall", "0.9500", "±", "n/a", "1"] in [line.split() for line in capsys.readouterr().out.splitlines()]
     assert report.main(["seed-4"]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: unknown experiment seed-4; known: failed, seed-1, seed-2, seed-3"]
