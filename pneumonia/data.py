@@ -45,13 +45,15 @@ def md5sum(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def download(info: DatasetInfo, cache_dir: Path = CACHE_DIR) -> Path:
+def download(info: DatasetInfo, cache_dir: Path | None = None) -> Path:
     """Download the official file once (MD5-checked) into a cache outside the DVC outputs."""
+    cache_dir = cache_dir or CACHE_DIR
     cached = cache_dir / f"{FLAG}.npz"
     if cached.is_file() and md5sum(cached) == info.md5:  # already here: no network, and no Keras import
         return cached
     import keras
 
+    cache_dir.mkdir(parents=True, exist_ok=True)  # else get_file silently falls back to /tmp/.keras
     try:
         path = keras.utils.get_file(
             fname=f"{FLAG}.npz", origin=info.url, file_hash=info.md5, hash_algorithm="md5", cache_dir=str(cache_dir), cache_subdir="."
