@@ -66,3 +66,17 @@ def test_a_stage_cannot_read_a_param_it_does_not_list():
     assert evaluate.listed() == {"seed": 42, "batch_size": 32, "evaluate": params_lib.as_dict(params_lib.Params().evaluate)}
     with pytest.raises(AttributeError, match="evaluate reads model"):
         evaluate.model
+
+
+def test_no_output_path_is_committed_without_the_lock_of_its_run():
+    """Committed outputs must come from one run of the committed code and params.yaml, with its dvc.lock."""
+    import subprocess
+
+    proc = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip("not a git checkout")
+    tracked = proc.stdout.splitlines()
+    outs = [next(iter(o)) if isinstance(o, dict) else o for stage in STAGES.values() for o in stage.get("outs", [])]
+    committed = [f for f in tracked if any(f == o or f.startswith(o.rstrip("/") + "/") for o in outs)]
+    if "dvc.lock" not in tracked:
+        assert committed == [], "outputs committed without the dvc.lock of the run that made them"

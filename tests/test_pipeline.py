@@ -44,6 +44,10 @@ def test_repro_experiments_metrics_and_plots(trained_repo):
     assert errors and "heat_outside_lung" in errors[0] and any(r["heat_outside_lung"] for r in errors)
     card = (p / "reports/model_card.md").read_text()
     assert f"{metrics['test']['threshold']:.4f}" in card and "Known limitations" in card
+    # Says truthfully what trained: the tiny run keeps the random early blocks frozen (unfreeze_from conv5_block1).
+    assert ("conv5_block1 to conv5_block3 and the head train; conv1 to conv4_block6 stay frozen with random weights "
+            "(never trained); BatchNorm trains too") in card
+    assert "conv5_block1 to conv5_block3 and the head train" in repo.repro_output
     assert json.loads((p / "dvclive/train_head/metrics.json").read_text())["step"] == 0
     assert (p / "models/model.keras").stat().st_size > 1_000_000
     assert "models/model.keras" not in repo.git("ls-files").stdout  # a DVC output, not a git file
@@ -58,8 +62,8 @@ def test_repro_experiments_metrics_and_plots(trained_repo):
 
     # The learning rate as users type it; DVC writes 1e-05 into params.yaml.
     out = repo.dvc("exp", "run", "-n", "slow-head", "-S", "lr=1e-5").stdout
-    assert {"train_head", "fine_tune", "evaluate", "error_analysis"} <= _ran(out)
-    assert {"download", "resize"} <= _skipped(out)
+    assert _ran(out) == {"download", "train_head", "fine_tune", "evaluate", "error_analysis"}
+    assert "resize" in _skipped(out)  # download runs every time (it checks the source's content) and rewrote nothing
     assert "lr: 1e-05" in (p / "params.yaml").read_text()
     diff = json.loads(repo.dvc("metrics", "diff", "--all", "--json").stdout)["metrics/metrics.json"]
     assert {"test.roc_auc", "test.recall", "test.specificity"} <= set(diff)
@@ -68,18 +72,24 @@ def test_repro_experiments_metrics_and_plots(trained_repo):
     assert params_diff["params.yaml"]["lr"]["new"] == 1e-05
 
     out = repo.dvc("exp", "run", "-n", "fine-lr", "-S", "fine_tune.lr=2e-4").stdout
-    assert _ran(out) == {"fine_tune", "evaluate", "error_analysis"}
-    assert {"download", "resize", "train_head"} <= _skipped(out)
+    assert _ran(out) == {"download", "fine_tune", "evaluate", "error_analysis"}
+    assert {"resize", "train_head"} <= _skipped(out)
     exp_vs_exp = json.loads(repo.dvc("metrics", "diff", "slow-head", "fine-lr", "--json").stdout)
     assert "metrics/metrics.json" in exp_vs_exp
     commit_vs_exp = repo.dvc("metrics", "diff", "--all", "HEAD", "fine-lr").stdout
     assert "test.roc_auc" in commit_vs_exp and "metrics/metrics.json" in commit_vs_exp
 
     out = repo.dvc("exp", "run", "-n", "sens90", "-S", "evaluate.threshold.target_sensitivity=0.9").stdout
-    assert _ran(out) == {"evaluate", "error_analysis"}
+    assert _ran(out) == {"download", "evaluate", "error_analysis"}
+
+    # A param only error_analysis reads reruns only error_analysis, and the model card (evaluate's) stays as it is.
+    card = (p / "reports/model_card.md").read_text()
+    out = repo.dvc("exp", "run", "-n", "cases6", "-S", "error_analysis.cases=6").stdout
+    assert _ran(out) == {"download", "error_analysis"}
+    assert (p / "reports/model_card.md").read_text() == card and "cases" not in card
 
     table = json.loads(repo.dvc("exp", "show", "--json").stdout)
-    assert {"slow-head", "fine-lr", "sens90"} <= set(re.findall(r'"name": "([\w-]+)"', json.dumps(table)))
+    assert {"slow-head", "fine-lr", "sens90", "cases6"} <= set(re.findall(r'"name": "([\w-]+)"', json.dumps(table)))
 
     plots = json.loads(repo.dvc("plots", "show", "--json").stdout)["data"]
     ids = set(plots)

@@ -64,9 +64,11 @@ def test_a_local_data_file_is_tracked_by_content(trained_repo, synthetic_npz):
         out = repo.dvc("repro", "download").stdout
         assert _ran(out) == {"download"}
         assert raw.read_bytes() != content and data.md5sum(raw) == data.md5sum(source)
-        assert _stale(repo) == {"resize"}  # the first stage whose deps changed; DVC reruns all after it
+        # resize reads data/raw, evaluate its provenance.json (the model card names the data's MD5); DVC reruns
+        # every stage after them.
+        assert _stale(repo) == {"resize", "evaluate"}
         assert "resize" in _ran(repo.dvc("repro", "resize").stdout)
-        assert _stale(repo) == {"train_head", "evaluate", "error_analysis"}  # they read data/resized
+        assert _stale(repo) == {"train_head", "fine_tune", "evaluate", "error_analysis"}  # they read data/resized
     finally:
         with open(source, "wb") as f:
             f.write(content)  # the session's shared synthetic file, as other tests expect it
