@@ -46,6 +46,14 @@ def _nested(stage_params: list[dict]) -> dict:
     return out
 
 
+def _schedule(lr, phase: dict) -> str:
+    """How a phase's learning rate ran and how its kept epoch was chosen, from its recorded params."""
+    rate = f"lr {lr}" if phase["schedule"] == "constant" else (
+        f"lr {lr}, cosine decay" + (f" after {phase['warmup_epochs']} warmup epochs" if phase["warmup_epochs"] else ""))
+    kept = {"val_auc": "best validation AUC", "val_loss": "best validation loss", "last": "the last epoch"}[phase["keep"]]
+    return f"{rate}, {phase['epochs']} epochs at most, keeping {kept}"
+
+
 def render(result: dict, params, record: dict, provenance: dict) -> str:
     """params: the evaluate stage's own; record: models/model.json; provenance: data/raw/provenance.json."""
     test, base, val, cal = result["test"], result["test_at_0.5"], result["val"], result["calibration"]
@@ -65,8 +73,10 @@ def render(result: dict, params, record: dict, provenance: dict) -> str:
         f"ResNet-50 ({'from ImageNet weights' if weights == 'imagenet' else 'from random initialisation, no pretrained weights'}), "
         f"input {size}x{size} grayscale ({record['resize']['resize.interpolation']} upsampling from 28x28), a new head "
         f"(global average pooling, dropout {head['params']['model']['dropout']}, one logit).",
-        f"- Phase 1 (lr {head['params']['lr']}, best epoch {head['best_epoch']}): {head['trained']}.",
-        f"- Phase 2 (lr {fine['params']['fine_tune']['lr']}, best epoch {fine['best_epoch']}): {fine['trained']}.",
+        f"- Phase 1 ({_schedule(head['params']['lr'], head['params']['train_head'])}, kept epoch {head['best_epoch']}): "
+        f"{head['trained']}.",
+        f"- Phase 2 ({_schedule(fine['params']['fine_tune']['lr'], fine['params']['fine_tune'])}, kept epoch "
+        f"{fine['best_epoch']}): {fine['trained']}.",
         "",
         "## Data",
         f"PneumoniaMNIST (MedMNIST v2, licence {provenance.get('license', 'CC BY 4.0')}), derived from Kermany et al. 2018 (Cell 172): "

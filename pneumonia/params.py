@@ -40,10 +40,19 @@ class ModelParams:
     dropout: float = 0.2
 
 
+Schedule = Literal["constant", "cosine"]
+# Which epoch's weights a phase keeps: the best validation AUC or loss (early stopping after `patience` epochs
+# without a better one), or the last epoch (every epoch runs).
+Keep = Literal["val_auc", "val_loss", "last"]
+
+
 @dataclass(frozen=True)
 class TrainHeadParams:
-    epochs: int = 10
-    patience: int = 5  # epochs without a better validation AUC before stopping
+    epochs: int = 10  # 0 skips phase 1 (the head starts phase 2 untrained; useful from scratch)
+    patience: int = 5  # epochs without a better kept metric before stopping
+    schedule: Schedule = "constant"  # cosine: decay from the lr to 0 over the epochs after warmup
+    warmup_epochs: int = 0  # cosine only: rise linearly from 0 to the lr over these first epochs
+    keep: Keep = "val_auc"
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,9 @@ class FineTuneParams:
     # (random blocks left frozen would never learn anything).
     unfreeze_from: str = "auto"
     patience: int = 5
+    schedule: Schedule = "constant"
+    warmup_epochs: int = 0
+    keep: Keep = "val_auc"
 
 
 @dataclass(frozen=True)
@@ -113,7 +125,9 @@ _RULES = {
     "batch_size": (lambda v: 1 <= v <= 4096, "between 1 and 4096"),
     "data.source": (lambda v: v.strip() != "", "'medmnist' or a path to a local .npz"),
     "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "train_head.epochs": (lambda v: v >= 1, "at least 1"),
+    "train_head.epochs": (lambda v: v >= 0, "at least 0 (0 skips phase 1)"),
+    "train_head.warmup_epochs": (lambda v: v >= 0, "at least 0"),
+    "fine_tune.warmup_epochs": (lambda v: v >= 0, "at least 0"),
     "train_head.patience": (lambda v: v >= 1, "at least 1"),
     "fine_tune.epochs": (lambda v: v >= 1, "at least 1"),
     "fine_tune.lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -250,7 +264,13 @@ def for_stage(params: Params, stage: str) -> StageParams:
 
 
 def from_dict(data: dict) -> Params:
-    return _build(Params, data)
+    params = _build(Params, data)
+    for name in ("train_head", "fine_tune"):
+        phase = getattr(params, name)
+        if phase.schedule == "cosine" and phase.epochs and phase.warmup_epochs >= phase.epochs:
+            raise PipelineError(f"params: {name}.warmup_epochs is {phase.warmup_epochs}; it must be less than "
+                                f"{name}.epochs ({phase.epochs}), or the cosine decay never starts")
+    return params
 
 
 def load(path: str | Path = "params.yaml") -> Params:

@@ -216,11 +216,22 @@ def checkpoint_interval() -> float:
 
 
 class KeepBest(keras.callbacks.EarlyStopping):
-    """EarlyStopping on validation AUC that restores the best epoch's weights, and can start from a saved state."""
+    """The kept epoch: early stopping on validation AUC or loss, restoring that epoch's weights, or the last epoch.
 
-    def __init__(self, patience: int):
-        super().__init__(monitor="val_auc", mode="max", patience=patience, restore_best_weights=True)
+    It can start from a saved state (a resumed run).
+    """
+
+    def __init__(self, keep: str, patience: int, epochs: int):
+        if keep == "last":  # every epoch runs; the weights at the end are the ones kept
+            super().__init__(monitor="val_auc", mode="max", patience=epochs + 1, restore_best_weights=False)
+        else:
+            super().__init__(monitor=keep, mode="max" if keep == "val_auc" else "min", patience=patience,
+                             restore_best_weights=True)
+        self.keep = keep
         self.resume_state = None
+
+    def kept_epoch(self, epochs_run: int) -> int:
+        return epochs_run - 1 if self.keep == "last" else int(self.best_epoch)
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)  # resets the state
@@ -313,23 +324,38 @@ class LiveMetrics(keras.callbacks.Callback):
         self.log(logs)
 
 
+def learning_rate(lr: float, schedule: str, warmup_epochs: int, epochs: int, steps_per_epoch: int):
+    """A constant rate, or Keras's cosine decay to 0 over the epochs after an optional linear warmup from 0.
+
+    Schedules count optimizer steps, which a checkpoint restores, so a resumed run continues the same curve.
+    """
+    if schedule == "constant":
+        return lr
+    decay_steps = max(1, (epochs - warmup_epochs) * steps_per_epoch)
+    if warmup_epochs == 0:
+        return keras.optimizers.schedules.CosineDecay(lr, decay_steps)
+    return keras.optimizers.schedules.CosineDecay(0.0, decay_steps, warmup_target=lr,
+                                                  warmup_steps=warmup_epochs * steps_per_epoch)
+
+
 def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size, runtime: Runtime, live_dir,
-        backup_dir: Path | None = None) -> dict:
-    """Train `trainable` on (inputs, labels) pairs; keep the epoch with the best validation AUC.
+        backup_dir: Path | None = None, schedule: str = "constant", warmup_epochs: int = 0,
+        keep: str = "val_auc") -> dict:
+    """Train `trainable` on (inputs, labels) pairs; keep the epoch chosen by `keep` (see KeepBest).
 
     With `backup_dir`, checkpoints are written there (see Checkpoint) and a rerun after a crash resumes from the
     latest one, giving the same weights, curves and summary as a run that was never interrupted; the folder is
     deleted when training completes. DVCLive's summary holds the kept epoch's values, not the last epoch's.
     """
+    batches = Batches(*train, batch_size, seed=int(np.random.randint(2**31)))
     with runtime.scope():
         trainable.compile(
-            optimizer=keras.optimizers.Adam(lr),
+            optimizer=keras.optimizers.Adam(learning_rate(lr, schedule, warmup_epochs, epochs, len(batches))),
             loss=keras.losses.BinaryCrossentropy(),
             metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
             jit_compile=runtime.jit_compile,
         )
-    early, history = KeepBest(patience), []
-    batches = Batches(*train, batch_size, seed=int(np.random.randint(2**31)))
+    early, history = KeepBest(keep, patience, epochs), []
     checkpoint = Checkpoint(backup_dir, early, history) if backup_dir is not None else None
     # No checkpoint is written after the last epoch, so a resumed run always has epochs left to train.
     start = batches.epoch = checkpoint.restore(trainable) if checkpoint else 0
@@ -348,8 +374,9 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
             class_weight=class_weights(train[1]), shuffle=False, epochs=epochs, initial_epoch=start,
             verbose=2, callbacks=callbacks,  # Batches orders itself
         )
-        kept = history[early.best_epoch]
-        summary = {"best_epoch": int(early.best_epoch) + 1, "best_val_auc": round(float(early.best), 4)}
+        kept_epoch = early.kept_epoch(len(history))
+        kept = history[kept_epoch]
+        summary = {"best_epoch": kept_epoch + 1, "best_val_auc": round(kept["val_auc"], 4)}
         # `dvc exp show` compares these: the kept epoch's values, the ones the saved model has.
         live.summary["train"] = {k: v for k, v in kept.items() if not k.startswith("val_")}
         live.summary["eval"] = {k[len("val_"):]: v for k, v in kept.items() if k.startswith("val_")}
@@ -387,7 +414,11 @@ def _split(model: keras.Model, block: str | None, runtime: Runtime):
 
 
 def train_head(model: keras.Model, train, val, *, runtime: Runtime, **fit_args) -> dict:
-    """Phase 1: the whole backbone frozen; the head trains on pooled features computed once."""
+    """Phase 1: the whole backbone frozen; the head trains on pooled features computed once. 0 epochs: skipped."""
+    if fit_args["epochs"] == 0:
+        with Live(dir=str(fit_args["live_dir"]), dvcyaml=False, save_dvc_exp=False) as live:
+            live.summary.update(best_epoch=0, skipped=True)  # the stage's declared output, saying so
+        return {"best_epoch": 0, "best_val_auc": None}
     model_lib.set_trainable(model, None, train_batchnorm=False)
     prefix, head = _split(model, None, runtime)
     features = cache_train_val(prefix, train, val, "float32", "train_head")

@@ -23,11 +23,14 @@ def main(params):
     summary = train.fine_tune(
         net, train_split, val_split, block=block, train_batchnorm=train_batchnorm,
         cache_dtype=params.compute.cache_dtype, lr=params.fine_tune.lr, epochs=params.fine_tune.epochs,
-        patience=params.fine_tune.patience, batch_size=params.batch_size, runtime=runtime,
+        patience=params.fine_tune.patience, schedule=params.fine_tune.schedule,
+        warmup_epochs=params.fine_tune.warmup_epochs, keep=params.fine_tune.keep, batch_size=params.batch_size,
+        runtime=runtime,
         live_dir="dvclive/fine_tune",
         backup_dir=train.resume_dir("fine_tune", params.listed(), RESIZED_DIR, HEAD_MODEL, HEAD_RECORD),
     )
-    print(f"fine_tune: best epoch {summary['best_epoch']}, validation AUC {summary['best_val_auc']}", flush=True)
+    print(f"fine_tune: kept epoch {summary['best_epoch']} (by {params.fine_tune.keep}), "
+          f"validation AUC {summary['best_val_auc']}", flush=True)
     train.save(net, FINAL_MODEL)
     record = json.loads(HEAD_RECORD.read_text())
     record["fine_tune"] = {"params": params.listed(), "unfreeze_from": block, "batchnorm_trained": train_batchnorm,

@@ -12,21 +12,31 @@ HEAD_RECORD = Path("models/head.json")
 def main(params):
     runtime = train.configure(params.seed, params.compute)
     print(f"train_head: {runtime.describe()}", flush=True)
-    print("train_head: training the head only; the whole ResNet-50 backbone is frozen "
-          f"({'ImageNet weights' if params.model.weights == 'imagenet' else 'random weights'}), BatchNorm frozen", flush=True)
+    if params.train_head.epochs:
+        print("train_head: training the head only; the whole ResNet-50 backbone is frozen "
+              f"({'ImageNet weights' if params.model.weights == 'imagenet' else 'random weights'}), BatchNorm frozen",
+              flush=True)
     train_split, val_split = data.load_split(RESIZED_DIR, "train"), data.load_split(RESIZED_DIR, "val")
     with runtime.scope():
         net = model.build(train_split[0].shape[1], params.model.weights, params.model.dropout)
+    phase = params.train_head
     summary = train.train_head(
-        net, train_split, val_split, lr=params.lr, epochs=params.train_head.epochs, patience=params.train_head.patience,
+        net, train_split, val_split, lr=params.lr, epochs=phase.epochs, patience=phase.patience,
+        schedule=phase.schedule, warmup_epochs=phase.warmup_epochs, keep=phase.keep,
         batch_size=params.batch_size, runtime=runtime, live_dir="dvclive/train_head",
         backup_dir=train.resume_dir("train_head", params.listed(), RESIZED_DIR),
     )
-    print(f"train_head: best epoch {summary['best_epoch']}, validation AUC {summary['best_val_auc']}", flush=True)
+    if phase.epochs:
+        trained = "the head only (backbone frozen)"
+        print(f"train_head: kept epoch {summary['best_epoch']} (by {phase.keep}), "
+              f"validation AUC {summary['best_val_auc']}", flush=True)
+    else:
+        trained = "skipped (train_head.epochs is 0): phase 2 starts from the untrained head"
+        print(f"train_head: {trained}", flush=True)
     train.save(net, HEAD_MODEL)
     # How this model was made, from the records of its inputs: the model card states this, never params.yaml.
     record = json.loads((RESIZED_DIR / "record.json").read_text())
-    record["train_head"] = {"params": params.listed(), "trained": "the head only (backbone frozen)", **summary}
+    record["train_head"] = {"params": params.listed(), "trained": trained, **summary}
     files.write_json(HEAD_RECORD, record)
 
 

@@ -121,3 +121,15 @@ def test_yaml_with_number_and_name_keys(tmp_path):
     path.write_text("1: a\nfoo: b\n")
     with pytest.raises(PipelineError, match=r"^params: unknown key 1; known keys here: batch_size, "):
         params_lib.load(path)
+
+
+def test_schedule_keep_and_skipping_phase_1():
+    p = params_lib.from_dict({"train_head": {"epochs": 0}, "fine_tune": {"schedule": "cosine", "warmup_epochs": 2,
+                                                                         "keep": "val_loss"}})
+    assert p.train_head.epochs == 0 and p.fine_tune.schedule == "cosine" and p.fine_tune.keep == "val_loss"
+    with pytest.raises(PipelineError, match="fine_tune.epochs is 0"):
+        params_lib.from_dict({"fine_tune": {"epochs": 0}})
+    with pytest.raises(PipelineError, match=r"fine_tune.warmup_epochs is 10; it must be less than fine_tune.epochs \(10\)"):
+        params_lib.from_dict({"fine_tune": {"schedule": "cosine", "warmup_epochs": 10}})
+    with pytest.raises(PipelineError, match="train_head.keep"):
+        params_lib.from_dict({"train_head": {"keep": "best"}})

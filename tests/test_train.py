@@ -44,7 +44,7 @@ def _curves(live_dir):
     return curves
 
 
-def _train(tmp_path, name, stop_after=None):
+def _train(tmp_path, name, stop_after=None, **options):
     """A fresh process's view: seeded, new model; train.fit with checkpoints every epoch, maybe killed."""
     keras.utils.set_random_seed(0)
     runtime = train.configure(0, ComputeParams())
@@ -55,7 +55,7 @@ def _train(tmp_path, name, stop_after=None):
         patch.setattr(keras.Model, "fit", lambda self, *a, **kw: original_fit(
             self, *a, **{**kw, "callbacks": [*kw["callbacks"], *extra]}))
         summary = train.fit(model, _data(0), _data(1, 48), lr=0.05, epochs=12, patience=2, batch_size=16,
-                            runtime=runtime, live_dir=tmp_path / name, backup_dir=tmp_path / "resume" / name)
+                            runtime=runtime, live_dir=tmp_path / name, backup_dir=tmp_path / "resume" / name, **options)
     return model, summary
 
 
@@ -82,6 +82,81 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys
             np.testing.assert_array_equal(a, b)
         assert _curves(tmp_path / name) == _curves(tmp_path / "uninterrupted")
         assert (tmp_path / name / "metrics.json").read_text() == (tmp_path / "uninterrupted" / "metrics.json").read_text()
+
+
+def test_a_resumed_cosine_schedule_continues_the_same_curve(tmp_path, monkeypatch):
+    """The schedule counts optimizer steps, which the checkpoint restores: killed mid-warmup and mid-decay."""
+    monkeypatch.setenv("PNEUMONIA_CHECKPOINT_EVERY_S", "0")
+    options = dict(schedule="cosine", warmup_epochs=2, keep="last")
+    reference, summary = _train(tmp_path, "uninterrupted", **options)
+    assert summary["best_epoch"] == 12  # keep last: every epoch runs, the last is kept
+    for k in (1, 7):
+        with pytest.raises(KeyboardInterrupt):
+            _train(tmp_path, f"killed-{k}", stop_after=k, **options)
+        model, resumed = _train(tmp_path, f"killed-{k}", **options)
+        assert resumed == summary
+        for a, b in zip(model.get_weights(), reference.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        assert _curves(tmp_path / f"killed-{k}") == _curves(tmp_path / "uninterrupted")
+
+
+def test_learning_rate_schedules():
+    assert train.learning_rate(1e-3, "constant", 0, 10, 5) == 1e-3
+    cosine = train.learning_rate(1e-3, "cosine", 0, 10, 5)
+    assert float(cosine(0)) == pytest.approx(1e-3) and float(cosine(25)) == pytest.approx(5e-4)
+    assert float(cosine(50)) == pytest.approx(0.0, abs=1e-12)
+    warm = train.learning_rate(1e-3, "cosine", 2, 10, 5)  # 10 warmup steps, then 40 of decay
+    rates = [float(warm(step)) for step in range(51)]
+    assert rates[0] == 0.0 and rates[5] == pytest.approx(5e-4) and rates[10] == pytest.approx(1e-3)
+    assert rates[30] == pytest.approx(5e-4) and rates[50] == pytest.approx(0.0, abs=1e-12)
+    assert max(rates) == pytest.approx(1e-3) and rates.index(max(rates)) == 10
+
+
+class RecordWeights(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.per_epoch = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.per_epoch.append(self.model.get_weights())
+
+
+@pytest.mark.parametrize("keep", ["val_auc", "val_loss", "last"])
+def test_the_kept_epoch_is_chosen_by_the_param_and_its_weights_are_the_model(tmp_path, keep):
+    keras.utils.set_random_seed(0)
+    runtime = train.configure(0, ComputeParams())
+    model, recorder = _head(), RecordWeights()
+    original_fit = keras.Model.fit
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(keras.Model, "fit", lambda self, *a, **kw: original_fit(
+            self, *a, **{**kw, "callbacks": [*kw["callbacks"], recorder]}))
+        summary = train.fit(model, _data(0), _data(1, 48), lr=0.05, epochs=12, patience=2, batch_size=16,
+                            runtime=runtime, live_dir=tmp_path / keep, keep=keep)
+    curves = _curves(tmp_path / keep)
+    auc = [v for _, v in curves["plots/metrics/eval/auc.tsv"]]
+    loss = [v for _, v in curves["plots/metrics/eval/loss.tsv"]]
+    expected = {"val_auc": int(np.argmax(auc)), "val_loss": int(np.argmin(loss)), "last": len(auc) - 1}[keep]
+    assert summary["best_epoch"] == expected + 1 and summary["best_val_auc"] == round(auc[expected], 4)
+    if keep == "last":
+        assert len(auc) == 12  # no early stopping
+    for a, b in zip(model.get_weights(), recorder.per_epoch[expected]):
+        np.testing.assert_array_equal(a, b)
+    logged = json.loads((tmp_path / keep / "metrics.json").read_text())
+    assert logged["eval"]["loss"] == loss[expected]
+
+
+def test_zero_head_epochs_skip_phase_1(tmp_path):
+    from pneumonia import model as model_lib
+
+    runtime = train.configure(0, ComputeParams())
+    net = model_lib.build(32, "none", dropout=0.0)
+    before = [w.copy() for w in net.get_weights()]
+    x = np.zeros((4, 32, 32, 1), "uint8")
+    summary = train.train_head(net, (x, np.array([0, 1, 0, 1])), (x, np.array([0, 1, 0, 1])), lr=1e-3, epochs=0,
+                               patience=1, batch_size=2, runtime=runtime, live_dir=tmp_path / "live")
+    assert summary == {"best_epoch": 0, "best_val_auc": None}
+    assert all(np.array_equal(a, b) for a, b in zip(net.get_weights(), before))
+    assert json.loads((tmp_path / "live" / "metrics.json").read_text()) == {"best_epoch": 0, "skipped": True}
 
 
 def test_summary_holds_the_kept_epoch_and_the_curves_every_epoch(tmp_path):
