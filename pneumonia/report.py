@@ -1,21 +1,28 @@
-"""Test metrics across experiments, e.g. one per seed: mean ± sample std, from `dvc exp show --json`.
+"""Test metrics across experiments, e.g. one per seed: mean ± sample std, and their ensemble.
 
     dvc exp run -n seed-1 -S seed=1      (seed-2, seed-3, ... likewise)
     python -m pneumonia.report [EXPERIMENT ...]
 
-With no names: every experiment of the current commit that has metrics, as `dvc exp show` lists them.
+With no names: every experiment of the current commit that has metrics, as `dvc exp show --json` lists
+them. With two or more, the ensemble is scored the way a single run is: the mean calibrated probability
+across the experiments (each one's metrics/predictions.csv, read from its git ref), the threshold chosen
+on the ensemble's validation scores with the experiments' own threshold rule, and the same test metrics
+with stratified bootstrap CIs.
 """
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 
 from pneumonia.errors import PipelineError
 
 METRICS_FILE = "metrics/metrics.json"
+PREDICTIONS_FILE = "metrics/predictions.csv"
 METRICS = ("test.recall", "test.specificity", "test.precision", "test.f1", "test.roc_auc", "test.pr_auc",
            "test.threshold")
 
@@ -37,6 +44,45 @@ def experiments(shown: list) -> dict[str, dict | None]:
                 metrics = ((rev.get("data") or {}).get("metrics") or {}).get(METRICS_FILE) or {}
                 found[exp.get("name") or rev.get("name") or rev["rev"][:7]] = metrics.get("data")
     return found
+
+
+def revisions(shown: list) -> dict[str, tuple[str, dict]]:
+    """Experiment name -> (its git revision, its params.yaml)."""
+    found = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                params = (((rev.get("data") or {}).get("params") or {}).get("params.yaml") or {}).get("data") or {}
+                found[exp.get("name") or rev.get("name") or rev["rev"][:7]] = (rev["rev"], params)
+    return found
+
+
+def predictions_at(rev: str) -> pd.DataFrame:
+    """An experiment's metrics/predictions.csv, from its git ref (`dvc exp show` does not carry it)."""
+    proc = subprocess.run(["git", "show", f"{rev}:{PREDICTIONS_FILE}"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PipelineError(f"cannot read {PREDICTIONS_FILE} of {rev[:7]} ({proc.stderr.strip().splitlines()[-1]})")
+    return pd.read_csv(io.StringIO(proc.stdout), float_precision="round_trip")
+
+
+def ensemble(tables: dict[str, pd.DataFrame], evaluate_params: dict, seed: int) -> dict:
+    """The ensemble's test metrics: mean calibrated probability, threshold chosen on its validation scores."""
+    from pneumonia import metrics
+
+    first = next(iter(tables.values()))
+    for name, table in tables.items():
+        if not table[["split", "index", "label"]].equals(first[["split", "index", "label"]]):
+            raise PipelineError(f"experiment {name} was evaluated on other images or labels; an ensemble needs the same data")
+    mean = np.mean([t["calibrated_probability"].to_numpy() for t in tables.values()], axis=0)
+    val, test = (first["split"] == "val").to_numpy(), (first["split"] == "test").to_numpy()
+    labels = first["label"].to_numpy()
+    rule = evaluate_params["threshold"]
+    threshold = metrics.choose_threshold(labels[val], mean[val], rule["strategy"], rule["target_sensitivity"],
+                                         rule["value"])
+    result = metrics.binary_metrics(labels[test], mean[test], threshold)
+    if evaluate_params["bootstrap"]["samples"]:
+        result |= metrics.bootstrap_ci(labels[test], mean[test], threshold, evaluate_params["bootstrap"]["samples"], seed)
+    return result
 
 
 def _value(data: dict, dotted: str):
@@ -71,9 +117,25 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def format_report(used: list[str], stats: pd.DataFrame) -> str:
+def score_ensemble(shown: list, used: list[str]) -> dict:
+    """The ensemble of `used`; they must share their evaluate params (the threshold rule, the bootstrap)."""
+    revs = revisions(shown)
+    rules = {json.dumps(revs[n][1].get("evaluate"), sort_keys=True) for n in used}
+    if len(rules) != 1:
+        raise PipelineError("the experiments differ in their evaluate params; an ensemble needs one threshold rule")
+    params = revs[used[0]][1]
+    return ensemble({n: predictions_at(revs[n][0]) for n in used}, params["evaluate"], params["seed"])
+
+
+def format_report(used: list[str], stats: pd.DataFrame, combined: dict | None = None) -> str:
     shown = pd.DataFrame({"mean": stats["mean"], "±": "±", "std": stats["std"], "n": stats["count"]})
-    table = shown.to_string(float_format="{:.4f}".format, na_rep="n/a", header=["mean", "", "std", "n"])
+    header = ["mean", "", "std", "n"]
+    if combined is not None:
+        shown["ensemble"] = [combined.get(m.split(".", 1)[1], np.nan) for m in stats.index]
+        shown["95% CI"] = [" to ".join(f"{v:.4f}" for v in ci) if (ci := combined.get(m.split(".", 1)[1] + "_ci")) else ""
+                           for m in stats.index]
+        header += ["ensemble", "ensemble 95% CI"]
+    table = shown.to_string(float_format="{:.4f}".format, na_rep="n/a", header=header)
     return f"{len(used)} experiment(s): {', '.join(used)}\n{table}"
 
 
@@ -85,11 +147,13 @@ def main(argv: list[str]) -> int:
         print("usage: python -m pneumonia.report [EXPERIMENT ...]", file=sys.stderr)
         return 2
     try:
-        used, stats = summarize(experiments(exp_show()), list(dict.fromkeys(argv)))
+        shown = exp_show()
+        used, stats = summarize(experiments(shown), list(dict.fromkeys(argv)))
+        combined = score_ensemble(shown, used) if len(used) > 1 else None
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(format_report(used, stats))
+    print(format_report(used, stats, combined))
     return 0
 
 

@@ -2,10 +2,25 @@
 import math
 import sys
 
+import numpy as np
+import pandas as pd
 import pytest
+from sklearn import metrics as skm
 
-from pneumonia import report
+from pneumonia import metrics, report
+from pneumonia.params import Params, as_dict
 from pneumonia.errors import PipelineError
+
+
+EVALUATE = as_dict(Params().evaluate) | {"bootstrap": {"samples": 200}}
+
+
+def _predictions(seed):
+    """A predictions.csv table: the same images and labels for every seed, scores with independent noise."""
+    labels = np.random.default_rng(0).integers(0, 2, 300)
+    probs = np.clip(0.25 + 0.5 * labels + np.random.default_rng(seed).normal(0, 0.3, 300), 0, 1)
+    return pd.DataFrame({"split": ["val"] * 100 + ["test"] * 200, "index": list(range(100)) + list(range(200)),
+                         "label": labels, "probability": probs, "calibrated_probability": probs})
 
 
 def _rev(name, test_metrics):
@@ -13,8 +28,8 @@ def _rev(name, test_metrics):
     metrics = ({"data": {"test": test_metrics, "val": {"recall": 0.5}}} if test_metrics is not None else
                {"error": {"type": "FileNotFoundError", "msg": "No such file or directory: 'metrics/metrics.json'"}})
     return {"executor": None, "name": name, "revs": [{
-        "rev": "0" * 40, "name": name, "error": None,
-        "data": {"rev": "...", "params": {"params.yaml": {"data": {"seed": 1}}},
+        "rev": name.ljust(40, "0"), "name": name, "error": None,
+        "data": {"rev": "...", "params": {"params.yaml": {"data": {"seed": 1, "evaluate": EVALUATE}}},
                  "metrics": {report.METRICS_FILE: metrics}, "deps": {}, "outs": {}, "meta": {}}}]}
 
 
@@ -77,15 +92,38 @@ def test_bad_selection_is_a_pipeline_error(shown, names, message):
         report.summarize(report.experiments(shown), names)
 
 
+def test_ensemble_scores_the_mean_probability_like_a_single_run():
+    tables = {f"seed-{i}": _predictions(i) for i in (1, 2, 3)}
+    result = report.ensemble(tables, EVALUATE, seed=1)
+    labels = tables["seed-1"]["label"].to_numpy()
+    mean = np.mean([t["calibrated_probability"] for t in tables.values()], axis=0)
+    threshold = metrics.choose_threshold(labels[:100], mean[:100], "target_sensitivity", 0.95)  # on validation only
+    assert result["threshold"] == threshold
+    assert result["roc_auc"] == round(skm.roc_auc_score(labels[100:], mean[100:]), 4)
+    assert result["tp"] == int(((mean[100:] >= threshold) & (labels[100:] == 1)).sum())
+    assert result["roc_auc_ci"][0] <= result["roc_auc"] <= result["roc_auc_ci"][1]
+    single = [skm.roc_auc_score(labels[100:], t["calibrated_probability"][100:]) for t in tables.values()]
+    assert result["roc_auc"] > max(single)  # independent noise averages out
+    other = _predictions(4)
+    other.loc[0, "label"] = 1 - other.loc[0, "label"]
+    with pytest.raises(PipelineError, match="other images or labels"):
+        report.ensemble(tables | {"seed-4": other}, EVALUATE, seed=1)
+
+
 def test_cli_prints_table_or_one_line_error(monkeypatch, capsys):
     monkeypatch.setattr(report, "exp_show", lambda: SHOWN)
+    monkeypatch.setattr(report, "predictions_at", lambda rev: _predictions(int(rev[5])))
     assert report.main(["seed-1", "seed-2", "seed-3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "3 experiment(s): seed-1, seed-2, seed-3"
     rows = [line.split() for line in lines[2:]]
     assert len(rows) == len(report.METRICS)
-    assert ["test.recall", "0.9500", "±", "0.0500", "3"] in rows
-    assert ["test.pr_auc", "n/a", "±", "n/a", "0"] in rows
+    assert "ensemble" in lines[1]
+    combined = report.ensemble({n: _predictions(int(n[-1])) for n in ("seed-1", "seed-2", "seed-3")}, EVALUATE, 1)
+    low, high = combined["recall_ci"]
+    assert ["test.recall", "0.9500", "±", "0.0500", "3", f"{combined['recall']:.4f}", f"{low:.4f}", "to",
+            f"{high:.4f}"] in rows
+    assert ["test.pr_auc", "n/a", "±", "n/a", "0"] in [row[:5] for row in rows]
     assert report.main(["seed-2"]) == 0  # one experiment: no sample std
     assert ["test.recall", "0.9500", "±", "n/a", "1"] in [line.split() for line in capsys.readouterr().out.splitlines()]
     assert report.main(["seed-4"]) == 1
