@@ -54,11 +54,14 @@ def download(info: DatasetInfo, cache_dir: Path | None = None) -> Path:
     import keras
 
     cache_dir.mkdir(parents=True, exist_ok=True)  # else get_file silently falls back to /tmp/.keras
+    # A partial or outdated copy: Keras would announce "we will re-download" first, misleading when offline.
+    cached.unlink(missing_ok=True)
     try:
         path = keras.utils.get_file(
             fname=f"{FLAG}.npz", origin=info.url, file_hash=info.md5, hash_algorithm="md5", cache_dir=str(cache_dir), cache_subdir="."
         )
     except Exception as exc:  # network errors come in many types; all get the same advice
+        cached.unlink(missing_ok=True)  # Keras keeps a download that failed its MD5 check (an error page, a cut transfer)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PipelineError(
             f"download: could not fetch {info.url} ({reason}); offline, set data.source to a local "

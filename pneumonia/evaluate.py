@@ -9,12 +9,20 @@ from scipy.special import expit
 
 from pneumonia import metrics, plots
 from pneumonia.files import write_json, write_text
+from pneumonia.progress import progress
 
 
-def logits(model, images, batch_size: int) -> np.ndarray:
+def logits(model, images, batch_size: int, split: str) -> np.ndarray:
+    import keras
+
     from pneumonia.model import logits_model
 
-    return logits_model(model).predict(images, batch_size=batch_size, verbose=0).reshape(-1).astype("float64")
+    with progress(len(images), f"predicting {split}") as report:
+        # Keras calls this after each batch, with the batch's index.
+        batch_done = keras.callbacks.LambdaCallback(
+            on_predict_batch_end=lambda batch, logs: report(min((batch + 1) * batch_size, len(images))))
+        out = logits_model(model).predict(images, batch_size=batch_size, verbose=0, callbacks=[batch_done])
+    return out.reshape(-1).astype("float64")
 
 
 def evaluate(val, test, val_logits, test_logits, params, metrics_path: Path, predictions_path: Path, plots_dir: Path) -> dict:

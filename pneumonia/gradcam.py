@@ -18,6 +18,7 @@ from keras import ops
 
 from pneumonia.errors import PipelineError
 from pneumonia.model import LOGIT
+from pneumonia.progress import progress
 
 LAST_CONV = "conv5_block3_out"
 BATCH = 32  # images per forward/backward pass; bounds memory, does not change the result
@@ -56,15 +57,17 @@ def heatmaps(model: keras.Model, images: np.ndarray) -> np.ndarray:
     features_model, head = split_at_last_conv(model)
     size = images.shape[1:3]
     out = np.zeros((len(images), *size), dtype="float32")
-    for start in range(0, len(images), BATCH):
-        features = ops.cast(features_model(images[start : start + BATCH], training=False), "float32")
-        grads = ops.cast(_logit_gradient(head, features), "float32")
-        channel_weights = ops.mean(grads, axis=(1, 2), keepdims=True)
-        cam = ops.relu(ops.sum(channel_weights * features, axis=-1, keepdims=True))
-        cam = ops.image.resize(cam, size, interpolation="bilinear", data_format="channels_last")
-        peak = ops.max(cam, axis=(1, 2, 3), keepdims=True)
-        cam = cam / ops.maximum(peak, 1e-12)  # an all-zero map stays zero
-        out[start : start + len(cam)] = ops.convert_to_numpy(cam)[..., 0]
+    with progress(len(images), "Grad-CAM") as report:
+        for start in range(0, len(images), BATCH):
+            features = ops.cast(features_model(images[start : start + BATCH], training=False), "float32")
+            grads = ops.cast(_logit_gradient(head, features), "float32")
+            channel_weights = ops.mean(grads, axis=(1, 2), keepdims=True)
+            cam = ops.relu(ops.sum(channel_weights * features, axis=-1, keepdims=True))
+            cam = ops.image.resize(cam, size, interpolation="bilinear", data_format="channels_last")
+            peak = ops.max(cam, axis=(1, 2, 3), keepdims=True)
+            cam = cam / ops.maximum(peak, 1e-12)  # an all-zero map stays zero
+            out[start : start + len(cam)] = ops.convert_to_numpy(cam)[..., 0]
+            report(start + len(cam))
     return np.clip(out, 0.0, 1.0)
 
 

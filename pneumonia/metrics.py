@@ -6,6 +6,8 @@ from scipy.optimize import minimize_scalar
 from scipy.special import expit
 from sklearn import metrics as skm
 
+from pneumonia.progress import progress
+
 CI_METRICS = ("accuracy", "recall", "specificity", "precision", "f1", "roc_auc")
 
 
@@ -84,10 +86,12 @@ def bootstrap_ci(labels, probs, threshold: float, samples: int, seed: int, level
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(labels == k) for k in (0, 1)]
     draws = {name: [] for name in CI_METRICS}
-    for _ in range(samples):
-        idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
-        m = binary_metrics(labels[idx], probs[idx], threshold)
-        for name in CI_METRICS:
-            draws[name].append(m[name])
+    with progress(samples, "bootstrap", "resamples") as report:
+        for i in range(samples):
+            idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+            m = binary_metrics(labels[idx], probs[idx], threshold)
+            for name in CI_METRICS:
+                draws[name].append(m[name])
+            report(i + 1)
     tail = (1 - level) / 2 * 100
     return {f"{name}_ci": [_r(np.percentile(v, tail)), _r(np.percentile(v, 100 - tail))] for name, v in draws.items()}

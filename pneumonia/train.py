@@ -23,6 +23,7 @@ from pneumonia import codedeps
 from pneumonia import model as model_lib
 from pneumonia.errors import PipelineError
 from pneumonia.files import atomic_path
+from pneumonia.progress import progress
 
 CACHE_CHUNK = 32  # images per prefix forward call: small chunks run as fast per image and touch far less fresh memory
 RESUME_ROOT = Path(".cache/resume")  # checkpoints of an unfinished stage; not a DVC output
@@ -99,19 +100,17 @@ def cache_activations(prefix: keras.Model | None, images: np.ndarray, dtype: str
     if prefix is None:  # nothing frozen before the cut: the raw uint8 pixels are the cache
         return images
     size, out = chunk_size(len(images)), None
-    report_every = max(size, len(images) // 10)  # about ten progress lines
-    for start in range(0, len(images), size):
-        chunk = images[start : start + size]
-        n = len(chunk)
-        if n < size:
-            chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
-        batch = keras.ops.convert_to_numpy(prefix.predict_on_batch(chunk))[:n]
-        if out is None:
-            out = np.empty((len(images), *batch.shape[1:]), dtype=dtype)
-        out[start : start + n] = batch
-        done = start + n
-        if done == len(images) or done // report_every > start // report_every:
-            print(f"  caching {label} activations: {done}/{len(images)} images", flush=True)
+    with progress(len(images), f"caching {label} activations") as report:
+        for start in range(0, len(images), size):
+            chunk = images[start : start + size]
+            n = len(chunk)
+            if n < size:
+                chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
+            batch = keras.ops.convert_to_numpy(prefix.predict_on_batch(chunk))[:n]
+            if out is None:
+                out = np.empty((len(images), *batch.shape[1:]), dtype=dtype)
+            out[start : start + n] = batch
+            report(start + n)
     return out
 
 

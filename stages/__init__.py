@@ -1,0 +1,1 @@
+"""The stage scripts, one per dvc.yaml stage: python -m stages.<name>."""

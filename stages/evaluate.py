@@ -12,7 +12,8 @@ def main(params):
     net = model.load(FINAL_MODEL)
     val, test = data.load_split(RESIZED_DIR, "val"), data.load_split(RESIZED_DIR, "test")
     result = evaluate.evaluate(
-        val, test, evaluate.logits(net, val[0], params.batch_size), evaluate.logits(net, test[0], params.batch_size),
+        val, test, evaluate.logits(net, val[0], params.batch_size, "val"),
+        evaluate.logits(net, test[0], params.batch_size, "test"),
         params, Path("metrics/metrics.json"), Path("metrics/predictions.csv"), Path("plots"),
     )
     record = json.loads(Path("models/model.json").read_text())

@@ -79,7 +79,8 @@ class Repo:
 
 def make_repo(tmp: Path, source: Path, extra: dict | None = None) -> Repo:
     path = tmp / "project"
-    shutil.copytree(ROOT, path, ignore=lambda d, names: [n for n in names if n in SKIP and Path(d, n) != ROOT / ".dvc"])
+    keep = (ROOT / ".dvc", ROOT / ".dvc" / "plots")  # .dvc/plots holds plot templates, not outputs
+    shutil.copytree(ROOT, path, ignore=lambda d, names: [n for n in names if n in SKIP and Path(d, n) not in keep])
     repo = Repo(path)
     repo.git("init", "-q", "-b", "main")
     repo.set_params(TINY | {"data": {"source": str(source)}} | (extra or {}))
@@ -97,7 +98,8 @@ def repo(tmp_path, synthetic_npz) -> Repo:
 def trained_template(tmp_path_factory, synthetic_npz) -> Repo:
     """One tiny `dvc repro`, committed with its dvc.lock, for every test that needs a trained project."""
     repo = make_repo(tmp_path_factory.mktemp("trained"), synthetic_npz)
-    repo.repro_output = repo.dvc("repro").stdout
+    proc = repo.dvc("repro")
+    repo.repro_output, repo.repro_errors = proc.stdout, proc.stderr
     repo.git("add", "-A")
     repo.git("commit", "-qm", "baseline run")
     return repo
@@ -108,5 +110,5 @@ def trained_repo(tmp_path, trained_template) -> Repo:
     """A private copy of the trained project (git history, DVC cache and outputs), free to change."""
     shutil.copytree(trained_template.path, tmp_path / "project", symlinks=True)
     repo = Repo(tmp_path / "project")
-    repo.repro_output = trained_template.repro_output
+    repo.repro_output, repo.repro_errors = trained_template.repro_output, trained_template.repro_errors
     return repo

@@ -3,6 +3,8 @@ import csv
 import io
 import json
 import re
+import shlex
+import subprocess
 import sys
 
 import numpy as np
@@ -10,8 +12,15 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import ROOT
+
 METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc", "loss",
                "tp", "fp", "tn", "fn", "threshold"}
+
+
+# TensorFlow's C++ start-up chatter, which stages must not print (pneumonia/__init__.py).
+CHATTER = ("absl::InitializeLog", "oneDNN custom operations", "cudart_stub", "cuInit")
+PROGRESS = re.compile(r"^  ([\w+ -]+): (\d+)/(\d+) (\w+)$")  # pneumonia.progress's lines off a terminal
 
 
 def _ran(output: str) -> set[str]:
@@ -49,6 +58,7 @@ def test_repro_experiments_metrics_and_plots(trained_repo):
             "(never trained); BatchNorm trains too") in card
     assert "conv5_block1 to conv5_block3 and the head train" in repo.repro_output
     assert json.loads((p / "dvclive/train_head/metrics.json").read_text())["step"] == 0
+    _quiet_with_progress(repo)
     assert (p / "models/model.keras").stat().st_size > 1_000_000
     assert "models/model.keras" not in repo.git("ls-files").stdout  # a DVC output, not a git file
 
@@ -90,6 +100,8 @@ def test_repro_experiments_metrics_and_plots(trained_repo):
 
     table = json.loads(repo.dvc("exp", "show", "--json").stdout)
     assert {"slow-head", "fine-lr", "sens90", "cases6"} <= set(re.findall(r'"name": "([\w-]+)"', json.dumps(table)))
+    _readable_exp_show(repo, {"slow-head", "fine-lr", "sens90", "cases6"},
+                       {"lr", "fine_tune.lr", "evaluate.threshold.target_sensitivity", "error_analysis.cases"})
 
     plots = json.loads(repo.dvc("plots", "show", "--json").stdout)["data"]
     ids = set(plots)
@@ -97,10 +109,77 @@ def test_repro_experiments_metrics_and_plots(trained_repo):
         assert wanted in ids, ids
     assert any(i.endswith("confusion_matrix.png") for i in ids)
     assert "plots/errors/gradcam_summary.png" in ids
-    assert any("dvclive/fine_tune/plots/metrics" in i for i in ids)
+    _training_curves(plots, "workspace")
+    _training_curves(json.loads(repo.dvc("plots", "diff", "slow-head", "fine-lr", "--json").stdout)["data"],
+                     "slow-head", "fine-lr")  # two experiments' curves overlaid
     assert plots["ROC"][0]["type"] == "vega"
     roc_points = plots["ROC"][0]["content"]["data"]["values"]
     assert len(roc_points) > 2 and all(0 <= r["fpr"] <= 1 and 0 <= r["tpr"] <= 1 for r in roc_points)
+
+
+def _quiet_with_progress(repo):
+    """Every stage's stderr: no TensorFlow chatter; progress where it waits, at most a line per tenth."""
+    errors = repo.repro_errors
+    assert not [c for c in CHATTER if c in errors], errors[-3000:]
+    # Nothing else either, DVC's warnings included (it warned about an empty stages/__init__.py).
+    assert not [line for line in errors.splitlines() if line and not PROGRESS.match(line)], errors[-3000:]
+    progress = {}
+    for line in errors.splitlines():
+        if m := PROGRESS.match(line):
+            progress.setdefault(m[1], []).append((int(m[2]), int(m[3]), m[4]))
+    # Train and validation images (4708 + 524) through the frozen prefix, once in each training stage.
+    assert progress["caching train+val activations"][-1] == (5232, 5232, "images")
+    assert progress["predicting val"][-1] == (524, 524, "images") and progress["predicting test"][-1] == (624, 624, "images")
+    assert progress["bootstrap"][-1] == (50, 50, "resamples")
+    assert progress["Grad-CAM"][-1][0] == progress["Grad-CAM"][-1][1] > 0
+    for label, lines in progress.items():
+        if label != "caching train+val activations":  # that one runs once per training stage
+            assert len(lines) <= 10 and [d for d, _, _ in lines] == sorted({d for d, _, _ in lines}), label
+
+    # PNEUMONIA_TF_LOGS=1 brings the chatter back; without it, a stage's stderr is its progress lines only.
+    loud = subprocess.run([sys.executable, "-m", "stages.evaluate"], cwd=repo.path, capture_output=True, text=True,
+                          env=repo.env | {"PNEUMONIA_TF_LOGS": "1"}, timeout=600)
+    assert loud.returncode == 0 and "absl::InitializeLog" in loud.stderr
+    quiet = repo.run(sys.executable, "-m", "stages.evaluate")
+    assert quiet.stderr and all(PROGRESS.match(line) for line in quiet.stderr.splitlines()), quiet.stderr[-3000:]
+
+
+def _readable_exp_show(repo, names: set[str], changed: set[str]):
+    """The README's `dvc exp show` (`make exps` runs it) fits 120 columns and shows each experiment's numbers uncut."""
+    commands = re.findall(r"^(dvc exp show --.*?)\s*$", (ROOT / "README.md").read_text(), re.M)
+    assert len(commands) == 1, commands
+    assert repo.run("make", "-n", "exps").stdout.strip().splitlines()[-1] == f".venv/bin/{commands[0]}"
+    args = shlex.split(commands[0])[1:]
+    shown = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo.path, capture_output=True, text=True,
+                           env=repo.env | {"COLUMNS": "120"}, check=True).stdout
+    lines = shown.splitlines()
+    assert max(map(len, lines)) <= 120, shown
+    kept = ["test.recall", "test.specificity", "test.f1", "test.roc_auc"]  # sensitivity, specificity, F1, AUC
+    header = next(line for line in lines if "Experiment" in line).split()
+    assert header[1:5] == kept and "lr" in header, shown
+    # The same table as CSV holds every cell in full: the 4 metrics and the changed params, nothing else.
+    rows = list(csv.DictReader(io.StringIO(repo.dvc(*args, "--csv").stdout)))
+    all_params = set(json.loads(repo.dvc("params", "diff", "--all", "--json").stdout)["params.yaml"])
+    assert set(rows[0]) - {"Experiment", "rev", "typ"} == set(kept) | changed and changed <= all_params
+    for row in rows:
+        if row["Experiment"] in names:
+            cells = next(line for line in lines if f"[{row['Experiment']}]" in line).split()
+            after_name = cells[cells.index(f"[{row['Experiment']}]") + 1 :][: len(kept)]
+            assert not [c for c in after_name if "…" in c], shown
+            assert [float(c) for c in after_name] == [float(row[metric]) for metric in kept], shown  # 1.0 shows as 1
+    assert names <= {row["Experiment"] for row in rows}
+
+
+def _training_curves(plots: dict, *revs: str):
+    """One plot per phase and training metric, train and validation series in it, for each rev."""
+    assert not [i for i in plots if "dvclive" in i]  # DVCLive's one-file plots are not listed
+    for phase in ("Head", "Fine-tune"):
+        for metric, label in (("loss", "loss"), ("auc", "AUC"), ("accuracy", "accuracy")):
+            values = plots[f"{phase} {label}"][0]["content"]["data"]["values"]
+            series = {(v["rev"], v["filename"]) for v in values}
+            assert series == {(rev, f"{split}/{metric}.tsv") for rev in revs for split in ("train", "eval")}, series
+            assert all(0 <= float(v[metric]) for v in values) and all(float(v[metric]) <= 1 for v in values
+                                                                       if metric != "loss")
 
 
 def _predict_new_files(repo):
@@ -115,6 +194,7 @@ def _predict_new_files(repo):
     broken.write_bytes(b"not a PNG at all")
     proc = repo.run(sys.executable, "-m", "pneumonia.predict", *map(str, [*pngs, broken]), check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert not [c for c in CHATTER if c in proc.stderr], proc.stderr
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert [r["file"] for r in rows] == list(map(str, [*pngs, broken]))
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

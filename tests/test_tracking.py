@@ -117,3 +117,39 @@ def test_medmnist_source_downloads_once_then_uses_the_cache(tmp_path, monkeypatc
         assert _CountingHandler.requests == 1 and raw.read_bytes() == synthetic_npz.read_bytes()
     finally:
         server.shutdown()
+
+
+def test_offline_download_is_one_line_with_nothing_misleading_before(tmp_path, monkeypatch, synthetic_npz, capsys):
+    """A download cut short leaves nothing in the cache, so offline the next run says only the project's line,
+    not Keras's "A local file was found, but it seems to be incomplete or outdated ... we will re-download"."""
+    from pneumonia.errors import PipelineError
+    from stages import download
+
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "pneumoniamnist.npz").write_bytes(synthetic_npz.read_bytes()[:5000])  # what a cut transfer leaves
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_CountingHandler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    info = data.dataset_info()
+    url = f"http://127.0.0.1:{server.server_port}/pneumoniamnist.npz"
+    local = data.DatasetInfo(url, hashlib.md5(synthetic_npz.read_bytes()).hexdigest(), info.n_samples, info.labels,
+                             info.license)
+    monkeypatch.setattr(data, "dataset_info", lambda: local)
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    params = params_lib.for_stage(params_lib.Params(), "download")
+    try:
+        with pytest.raises(PipelineError, match="hash does not match"):
+            download.main(params)  # Keras's MD5 check fails; it keeps the file, the project deletes it
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert list((tmp_path / "cache").iterdir()) == []
+    (tmp_path / "cache/pneumoniamnist.npz").write_bytes(b"partial")  # as an older version could leave it
+    capsys.readouterr()
+    with pytest.raises(PipelineError) as offline:
+        download.main(params)  # nothing listens on the port any more: offline
+    out = capsys.readouterr()
+    assert str(offline.value).startswith(f"download: could not fetch {url} (") and "set data.source" in str(offline.value)
+    assert "incomplete or outdated" not in out.out + out.err and "re-download" not in out.out + out.err
+    assert out.err == "" and out.out.splitlines() == ["download: source medmnist", f"Downloading data from {url}"]
