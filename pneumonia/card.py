@@ -90,7 +90,7 @@ def render(result: dict, params, record: dict, provenance: dict) -> str:
         *[f"| {split} | {c['normal']} | {c['pneumonia']} |" for split, c in counts.items()],
         "",
         "## Operating threshold",
-        f"**{test['threshold']:.4f}** on the {'calibrated ' if params.evaluate.calibration == 'temperature' else ''}probability, chosen on the "
+        f"**{test['threshold']:.4f}** on the {'' if params.evaluate.calibration == 'none' else 'calibrated '}probability, chosen on the "
         f"validation split only: {_threshold_text(params)}. On validation it gives sensitivity {_pct(val['recall'])} and "
         f"specificity {_pct(val['specificity'])}. The test split was never used to choose it.",
         "",
@@ -119,8 +119,11 @@ def render(result: dict, params, record: dict, provenance: dict) -> str:
         f"| **actual pneumonia** | {test['fn']} | {test['tp']} |",
         "",
         "## Calibration",
-        (f"Temperature scaling fitted on validation logits: T = {cal['temperature']}. " if params.evaluate.calibration == "temperature"
-         else "No calibration (evaluate.calibration is none). ")
+        {"temperature": f"Temperature scaling fitted on validation logits: T = {cal['temperature']}. ",
+         "platt": f"Platt scaling fitted on validation logits: sigmoid({cal['scale']:.4g} * logit + {cal['offset']:.4g}). ",
+         "none": "No calibration (evaluate.calibration is none). "}[params.evaluate.calibration]
+        + "Held-out NLL on validation (5-fold), the honest comparison of the methods: "
+        + ", ".join(f"{m} {v}" for m, v in cal["cv_nll"].items()) + ". "
         + f"On test, Brier score {cal['brier_before']} before, {cal['brier_after']} after; expected calibration error (10 bins) "
         f"{cal['ece_before']} before, {cal['ece_after']} after. See `plots/figures/reliability.png`.",
         "",

@@ -59,6 +59,40 @@ def fit_temperature(labels, logits) -> float:
     return float(np.exp(minimize_scalar(nll, bounds=(-5.0, 5.0), method="bounded").x))
 
 
+CALIBRATIONS = ("none", "temperature", "platt")
+
+
+def fit_calibration(method: str, labels, logits) -> tuple[float, float]:
+    """(scale, offset) such that the calibrated probability is sigmoid(scale * logit + offset), fitted by NLL.
+
+    none: (1, 0). temperature: (1/T, 0), one parameter. platt: both, an unpenalised logistic regression on the
+    logit; it contains temperature, so it always fits validation at least as well, and its offset also learns
+    validation's class mix, which the test split need not share.
+    """
+    if method == "none":
+        return 1.0, 0.0
+    if method == "temperature":
+        return 1.0 / fit_temperature(labels, logits), 0.0
+    from sklearn.linear_model import LogisticRegression
+
+    fitted = LogisticRegression(C=np.inf).fit(np.asarray(logits, dtype="float64")[:, None], labels)
+    return float(fitted.coef_[0, 0]), float(fitted.intercept_[0])
+
+
+def cross_validated_nll(method: str, labels, logits, folds: int = 5, seed: int = 0) -> float:
+    """Mean held-out NLL of `method` over stratified folds of the validation split: an honest comparison,
+    where the in-sample NLL always favours the method with more parameters."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels, logits = np.asarray(labels), np.asarray(logits, dtype="float64")
+    losses = []
+    for fit_rows, held_out in StratifiedKFold(folds, shuffle=True, random_state=seed).split(logits, labels):
+        scale, offset = fit_calibration(method, labels[fit_rows], logits[fit_rows])
+        probs = np.clip(expit(scale * logits[held_out] + offset), 1e-12, 1 - 1e-12)
+        losses.append(skm.log_loss(labels[held_out], probs, labels=[0, 1]))
+    return float(np.mean(losses))
+
+
 def expected_calibration_error(labels, probs, bins: int = 10) -> float:
     """Sum over equal-width bins of |observed rate - mean probability|, weighted by bin size."""
     labels, probs = np.asarray(labels, dtype="float64"), np.asarray(probs, dtype="float64")

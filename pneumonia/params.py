@@ -92,7 +92,7 @@ class BootstrapParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     threshold: ThresholdParams = field(default_factory=ThresholdParams)
-    calibration: Literal["temperature", "none"] = "temperature"
+    calibration: Literal["temperature", "platt", "none"] = "temperature"
     bootstrap: BootstrapParams = field(default_factory=BootstrapParams)
 
 

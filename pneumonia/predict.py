@@ -10,8 +10,8 @@ linearly from their minimum to their maximum onto 0..255 (no DICOM windowing).
 Then the training preprocessing: see to_source_resolution and preprocess.
 
 Output: CSV on stdout (or --output FILE; --json for JSON), one row per image:
-file, probability (calibrated with the temperature from metrics.json; plain
-sigmoid when that is 1), decision (pneumonia when probability >= threshold,
+file, probability (calibrated as the evaluate stage did, with the scale and
+offset from metrics.json; plain sigmoid with calibration none), decision (pneumonia when probability >= threshold,
 else normal), threshold, error. A file that cannot be read gets a row with
 only `error` filled and one line on stderr; the others are still predicted,
 and the exit status is 1. --gradcam DIR writes one image + Grad-CAM overlay
@@ -158,8 +158,11 @@ def load_entries(path: Path) -> list[Entry]:
     return [Entry(str(path), path.stem, to_source_resolution(read_gray(path)))]
 
 
-def read_operating_point(path: Path) -> tuple[float, float]:
-    """(threshold, temperature) that the evaluate stage chose on validation."""
+def read_operating_point(path: Path) -> tuple[float, float, float]:
+    """(threshold, scale, offset) that the evaluate stage chose on validation: p = sigmoid(scale * logit + offset).
+
+    A metrics.json from before platt calibration has only a temperature T: scale 1/T, offset 0.
+    """
     try:
         result = json.loads(Path(path).read_text())
     except OSError as exc:
@@ -167,13 +170,17 @@ def read_operating_point(path: Path) -> tuple[float, float]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise PipelineError(f"metrics: {path} is not valid JSON; run dvc repro evaluate to rewrite it") from None
     try:
-        threshold, temperature = float(result["test"]["threshold"]), float(result["calibration"]["temperature"])
-    except (KeyError, TypeError, ValueError):
-        raise PipelineError(f"metrics: {path} has no test.threshold and calibration.temperature; "
+        threshold, calibration = float(result["test"]["threshold"]), result["calibration"]
+        if "scale" in calibration:
+            scale, offset = float(calibration["scale"]), float(calibration["offset"])
+        else:
+            scale, offset = 1.0 / float(calibration["temperature"]), 0.0
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        raise PipelineError(f"metrics: {path} has no test.threshold and calibration (scale and offset, or temperature); "
                             "is it the evaluate stage's metrics.json?") from None
-    if not temperature > 0:
-        raise PipelineError(f"metrics: {path}: calibration.temperature is {temperature}; it must be positive")
-    return threshold, temperature
+    if not scale > 0:
+        raise PipelineError(f"metrics: {path}: the calibration scale is {scale}; it must be positive")
+    return threshold, scale, offset
 
 
 def _decision(probability: float, threshold: float) -> str:
@@ -199,7 +206,7 @@ def parse_args(argv):
     parser.add_argument("files", nargs="+", type=Path, help="PNG/JPEG/DICOM images or a MedMNIST-layout .npz")
     parser.add_argument("--model", type=Path, default=Path("models/model.keras"), help="the trained model (.keras)")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/metrics.json"),
-                        help="the evaluate stage's metrics.json: threshold and calibration temperature")
+                        help="the evaluate stage's metrics.json: threshold and calibration")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="where resize.interpolation is read unless --interpolation is given")
     parser.add_argument("--interpolation", choices=INTERPOLATIONS, help="default: resize.interpolation in --params")
@@ -213,7 +220,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         interpolation = args.interpolation or params_lib.load(args.params).resize.interpolation
-        threshold, temperature = read_operating_point(args.metrics)
+        threshold, scale, offset = read_operating_point(args.metrics)
         # Keras starts TensorFlow (seconds), so it is imported only once the cheap checks have passed.
         from pneumonia import gradcam, plots
         from pneumonia import model as model_lib
@@ -236,7 +243,7 @@ def main(argv=None) -> int:
     if good:
         images = preprocess(np.stack([e.pixels for _, e in good]), net.input_shape[1], interpolation)
         logits = logit_net.predict(images, batch_size=32, verbose=0).reshape(-1).astype("float64")
-        for (_, entry), probability in zip(good, expit(logits / temperature)):
+        for (_, entry), probability in zip(good, expit(scale * logits + offset)):
             entry.probability = float(probability)  # printed exactly, so the decision follows from what is shown
         if args.gradcam:
             for (row, entry), image, heatmap in zip(good, images, gradcam.heatmaps(net, images)):

@@ -103,3 +103,24 @@ def test_bootstrap_of_a_class_share_has_no_spread():
     p = np.full(len(y), 0.1)
     ci = metrics.bootstrap_ci(y, p, 0.5, samples=300, seed=0)
     assert ci["accuracy_ci"] == [0.2, 0.2] and ci["specificity_ci"] == [1.0, 1.0] and ci["recall_ci"] == [0.0, 0.0]
+
+
+def test_platt_contains_temperature_and_cross_validation_is_held_out():
+    rng = np.random.default_rng(0)
+    true_logit = rng.normal(0.8, 1.5, 600)  # a class mix far from 50:50
+    y = (rng.random(600) < expit(true_logit)).astype(int)
+    logits = 3 * true_logit - 2  # over-confident and shifted
+    assert metrics.fit_calibration("none", y, logits) == (1.0, 0.0)
+    scale, offset = metrics.fit_calibration("temperature", y, logits)
+    assert offset == 0.0 and scale == pytest.approx(1 / metrics.fit_temperature(y, logits))
+    a, b = metrics.fit_calibration("platt", y, logits)
+    assert a == pytest.approx(1 / 3, rel=0.15) and b == pytest.approx(2 / 3, abs=0.25)  # undoes the distortion
+
+    def nll(scale, offset):
+        return skm.log_loss(y, expit(scale * logits + offset))
+
+    assert nll(a, b) <= nll(scale, 0.0) <= nll(1.0, 0.0)  # in sample, more parameters always fit better
+    cv = {m: metrics.cross_validated_nll(m, y, logits, seed=0) for m in metrics.CALIBRATIONS}
+    assert cv["platt"] < cv["temperature"] < cv["none"]  # here the offset is real, so it generalises
+    assert cv["platt"] > nll(a, b)  # held out: worse than the in-sample fit
+    assert metrics.cross_validated_nll("platt", y, logits, seed=0) == cv["platt"]  # seeded folds

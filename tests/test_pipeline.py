@@ -41,7 +41,10 @@ def test_repro_experiments_metrics_and_plots(trained_repo):
     assert metrics["test"]["roc_auc"] > 0.7  # the synthetic signal is easy
     low, high = metrics["test"]["recall_ci"]
     assert low <= metrics["test"]["recall"] <= high
-    assert {"temperature", "ece_before", "ece_after", "brier_before", "brier_after"} <= set(metrics["calibration"])
+    assert {"method", "scale", "offset", "temperature", "ece_before", "ece_after", "brier_before",
+            "brier_after"} <= set(metrics["calibration"])
+    assert metrics["calibration"]["method"] == "temperature" and metrics["calibration"]["offset"] == 0
+    assert set(metrics["calibration"]["cv_nll"]) == {"none", "temperature", "platt"}
     predictions = (p / "metrics/predictions.csv").read_text().splitlines()
     assert predictions[0] == "split,index,label,probability,calibrated_probability" and len(predictions) == 1 + 524 + 624
     for png in ("figures/roc.png", "figures/confusion_matrix.png", "figures/precision_recall.png", "figures/reliability.png",
@@ -89,8 +92,12 @@ def test_repro_experiments_metrics_and_plots(trained_repo):
     commit_vs_exp = repo.dvc("metrics", "diff", "--all", "HEAD", "fine-lr").stdout
     assert "test.roc_auc" in commit_vs_exp and "metrics/metrics.json" in commit_vs_exp
 
-    out = repo.dvc("exp", "run", "-n", "sens90", "-S", "evaluate.threshold.target_sensitivity=0.9").stdout
+    out = repo.dvc("exp", "run", "-n", "sens90", "-S", "evaluate.threshold.target_sensitivity=0.9",
+                   "-S", "evaluate.calibration=platt").stdout
     assert _ran(out) == {"download", "evaluate", "error_analysis"}
+    calibration = json.loads((p / "metrics/metrics.json").read_text())["calibration"]
+    assert calibration["method"] == "platt" and calibration["temperature"] is None
+    assert "Platt scaling fitted on validation logits" in (p / "reports/model_card.md").read_text()
 
     # A param only error_analysis reads reruns only error_analysis, and the model card (evaluate's) stays as it is.
     card = (p / "reports/model_card.md").read_text()

@@ -85,7 +85,7 @@ def test_plots_page_draws_roc_confusion_counts_and_curves_offline(repo, chromium
     plots.roc(labels, probs, {"specificity": 0.8, "recall": 0.9, "threshold": 0.5}, out / "roc.json", out / "figures/roc.png")
     plots.precision_recall(labels, probs, out / "precision_recall.json", out / "figures/precision_recall.png")
     plots.confusion(labels, predicted, out / "confusion.json", out / "figures/confusion_matrix.png", 0.5)
-    plots.reliability(labels, {"uncalibrated": probs, "temperature": probs ** 1.2}, out, out / "figures/reliability.png")
+    plots.reliability(labels, {"uncalibrated": probs, "calibrated": probs ** 1.2}, out, out / "figures/reliability.png")
 
     proc = repo.run(sys.executable, "-m", "pneumonia.plots_page", "page")
     curve_ids = [f"{PHASES[phase]}_{label}" for phase in PHASES for label in CURVES.values()]

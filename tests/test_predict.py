@@ -71,6 +71,20 @@ def test_png_from_the_npz_gives_the_pipelines_array_and_probability(trained, tes
         assert from_png["threshold"] == "0.5" and from_png["error"] == ""
 
 
+def test_platt_calibration_from_metrics_json_is_applied(trained, test_images, tmp_path, capsys):
+    """predict applies the run's calibration, whichever it is: here Platt's scale and offset."""
+    metrics_json = tmp_path / "metrics.json"
+    metrics_json.write_text(json.dumps({"test": {"threshold": 0.5}, "calibration": {
+        "method": "platt", "scale": 0.7, "offset": -0.4, "temperature": None}}))
+    png = _png(tmp_path / "test0.png", test_images[0])
+    status = predict.main([str(png), "--model", str(trained / "model.keras"), "--metrics", str(metrics_json),
+                           "--params", str(ROOT / "params.yaml")])
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    pipeline = resize_images(test_images[:1], SIZE, "bilinear")[..., None]
+    logit = model_lib.logits_model(model_lib.load(trained / "model.keras")).predict(pipeline, verbose=0).reshape(-1)[0]
+    assert status == 0 and float(rows[0]["probability"]) == pytest.approx(expit(0.7 * logit - 0.4), abs=2e-6)
+
+
 def test_large_non_square_image_is_center_cropped_to_28(tmp_path):
     image = np.full((300, 400, 3), 255, np.uint8)  # white side bands, 50 px each
     image[:, 50:350] = 100
