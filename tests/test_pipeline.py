@@ -108,7 +108,8 @@ def test_repro_experiments_metrics_and_plots(trained_repo):
     table = json.loads(repo.dvc("exp", "show", "--json").stdout)
     assert {"slow-head", "fine-lr", "sens90", "cases6"} <= set(re.findall(r'"name": "([\w-]+)"', json.dumps(table)))
     _readable_exp_show(repo, {"slow-head", "fine-lr", "sens90", "cases6"},
-                       {"lr", "fine_tune.lr", "evaluate.threshold.target_sensitivity", "error_analysis.cases"})
+                       {"lr", "fine_tune.lr", "evaluate.threshold.target_sensitivity", "evaluate.calibration",
+                        "error_analysis.cases"})
 
     plots = json.loads(repo.dvc("plots", "show", "--json").stdout)["data"]
     ids = set(plots)
