@@ -35,26 +35,26 @@ def exp_show() -> list:
     return json.loads(proc.stdout)
 
 
-def experiments(shown: list) -> dict[str, dict | None]:
-    """Experiment name -> the data of its metrics.json (None when it has none: failed, queued)."""
-    found = {}
+def _rows(shown: list):
+    """(experiment name, its row) for every experiment in `dvc exp show --json`."""
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
             for rev in exp.get("revs") or []:
-                metrics = ((rev.get("data") or {}).get("metrics") or {}).get(METRICS_FILE) or {}
-                found[exp.get("name") or rev.get("name") or rev["rev"][:7]] = metrics.get("data")
-    return found
+                yield exp.get("name") or rev.get("name") or rev["rev"][:7], rev
+
+
+def _file_data(rev: dict, kind: str, path: str):
+    return (((rev.get("data") or {}).get(kind) or {}).get(path) or {}).get("data")
+
+
+def experiments(shown: list) -> dict[str, dict | None]:
+    """Experiment name -> the data of its metrics.json (None when it has none: failed, queued)."""
+    return {name: _file_data(rev, "metrics", METRICS_FILE) for name, rev in _rows(shown)}
 
 
 def revisions(shown: list) -> dict[str, tuple[str, dict]]:
     """Experiment name -> (its git revision, its params.yaml)."""
-    found = {}
-    for baseline in shown:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                params = (((rev.get("data") or {}).get("params") or {}).get("params.yaml") or {}).get("data") or {}
-                found[exp.get("name") or rev.get("name") or rev["rev"][:7]] = (rev["rev"], params)
-    return found
+    return {name: (rev["rev"], _file_data(rev, "params", "params.yaml") or {}) for name, rev in _rows(shown)}
 
 
 def predictions_at(rev: str) -> pd.DataFrame:
