@@ -40,6 +40,19 @@ class ModelParams:
     dropout: float = 0.2
 
 
+@dataclass(frozen=True)
+class AugmentParams:
+    """Training-time augmentation (pneumonia.augment); no flips: the heart sits on one side."""
+    enabled: bool = False
+    translate: float = 0.08  # fraction of the image size, up and down, left and right
+    rotate: float = 0.03  # fraction of a full turn, either way
+    zoom: float = 0.1  # fraction in or out
+    contrast: float = 0.15  # contrast factor drawn from [1 - c, 1 + c]
+    # With a frozen prefix (phase 1 always, phase 2 unless it trains from conv1): K augmented views of each
+    # training image are run through the prefix once and cached; epoch e trains on view e mod K.
+    views: int = 4
+
+
 Schedule = Literal["constant", "cosine"]
 # Which epoch's weights a phase keeps: the best validation AUC or loss (early stopping after `patience` epochs
 # without a better one), or the last epoch (every epoch runs).
@@ -110,6 +123,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     resize: ResizeParams = field(default_factory=ResizeParams)
     model: ModelParams = field(default_factory=ModelParams)
+    augment: AugmentParams = field(default_factory=AugmentParams)
     train_head: TrainHeadParams = field(default_factory=TrainHeadParams)
     fine_tune: FineTuneParams = field(default_factory=FineTuneParams)
     compute: ComputeParams = field(default_factory=ComputeParams)
@@ -125,6 +139,11 @@ _RULES = {
     "batch_size": (lambda v: 1 <= v <= 4096, "between 1 and 4096"),
     "data.source": (lambda v: v.strip() != "", "'medmnist' or a path to a local .npz"),
     "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "augment.translate": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "augment.rotate": (lambda v: 0 <= v <= 0.5, "in [0, 0.5] (a fraction of a full turn)"),
+    "augment.zoom": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "augment.contrast": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "augment.views": (lambda v: 1 <= v <= 64, "between 1 and 64"),
     "train_head.epochs": (lambda v: v >= 0, "at least 0 (0 skips phase 1)"),
     "train_head.warmup_epochs": (lambda v: v >= 0, "at least 0"),
     "fine_tune.warmup_epochs": (lambda v: v >= 0, "at least 0"),
@@ -210,9 +229,9 @@ def _build(cls, data, prefix: str = ""):
 STAGE_PARAMS = {
     "download": ("data.source",),
     "resize": ("image_size", "resize.interpolation"),
-    "train_head": ("seed", "lr", "batch_size", "model", "train_head",
+    "train_head": ("seed", "lr", "batch_size", "model", "augment", "train_head",
                    "compute.mixed_precision", "compute.jit_compile", "compute.distribute"),
-    "fine_tune": ("seed", "batch_size", "model.weights", "fine_tune", "compute"),
+    "fine_tune": ("seed", "batch_size", "model.weights", "augment", "fine_tune", "compute"),
     "evaluate": ("seed", "batch_size", "evaluate"),
     "error_analysis": ("seed", "error_analysis"),
 }

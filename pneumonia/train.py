@@ -1,8 +1,8 @@
 """The two training phases on cached activations.
 
-The frozen prefix of the network runs once per image for the whole stage;
-only the trainable suffix runs each epoch. With no augmentation and BatchNorm
-in inference mode this is the same maths as `fit` on the full model.
+The frozen prefix of the network runs once per image for the whole stage (once per image and augmented view,
+pneumonia.augment); only the trainable suffix runs each epoch. With BatchNorm in inference mode this is the same
+maths as `fit` on the full model over the same (augmented) images.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import keras
 import numpy as np
 from dvclive import Live
 
+from pneumonia import augment as augment_lib
 from pneumonia import codedeps
 from pneumonia import model as model_lib
 from pneumonia.errors import PipelineError
@@ -95,14 +96,21 @@ def chunk_size(n_images: int) -> int:
     return -(-n_images // chunks)
 
 
-def cache_activations(prefix: keras.Model | None, images: np.ndarray, dtype: str, label: str) -> np.ndarray:
-    """Run the frozen prefix once over `images`, chunk by chunk, into one compact array."""
+def cache_activations(prefix: keras.Model | None, images: np.ndarray, dtype: str, label: str,
+                      view=None) -> np.ndarray:
+    """Run the frozen prefix once over `images`, chunk by chunk, into one compact array.
+
+    With `view` = (augmentation layers, seed, view index), over that augmented view of the images
+    (pneumonia.augment.view, drawn chunk by chunk here so the whole view is never held in memory).
+    """
     if prefix is None:  # nothing frozen before the cut: the raw uint8 pixels are the cache
         return images
     size, out = chunk_size(len(images)), None
     with progress(len(images), f"caching {label} activations") as report:
-        for start in range(0, len(images), size):
+        for index, start in enumerate(range(0, len(images), size)):
             chunk = images[start : start + size]
+            if view is not None:
+                chunk = augment_lib.transform(view[0], chunk, view[1], view[2], index)
             n = len(chunk)
             if n < size:
                 chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
@@ -114,16 +122,17 @@ def cache_activations(prefix: keras.Model | None, images: np.ndarray, dtype: str
     return out
 
 
-def check_resources(n_images: int, activation_shape, dtype: str, label: str) -> None:
-    """Refuse to start when the activation cache clearly cannot fit in the memory left."""
+def check_resources(n_images: int, activation_shape, dtype: str, label: str, views: int = 1) -> None:
+    """Refuse to start when the activation cache (all its augmented views counted) cannot fit in the memory left."""
     import psutil
 
     needed = n_images * int(np.prod(activation_shape)) * np.dtype(dtype).itemsize
     available = psutil.virtual_memory().available
     if needed > 0.9 * available:
+        fewer = " or fewer augment.views" if views > 1 else ""
         raise PipelineError(
             f"{label}: the activation cache needs {needed / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of memory is free; "
-            "lower image_size, set compute.cache_dtype=float16, or unfreeze from an earlier block"
+            f"lower image_size, set compute.cache_dtype=float16{fewer}, or unfreeze from an earlier block"
         )
 
 
@@ -152,6 +161,7 @@ class Batches(keras.utils.PyDataset):
     """Batches gathered by index from in-memory arrays, in a new seeded order every epoch when `seed` is given.
 
     Epoch e's order depends only on (seed, e), so a resumed run draws the same orders as an uninterrupted one.
+    `x` may be a list of K arrays (augmented views of the same images): epoch e reads view e mod K.
 
     Why not fit's own route for arrays: it turns each array into a tensor (tf.data from_tensors), which on
     TensorFlow 2.21 holds two more copies of it, so phase 2 would peak at about four times its activation cache;
@@ -161,7 +171,8 @@ class Batches(keras.utils.PyDataset):
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = None):
         super().__init__(workers=1, use_multiprocessing=False)
-        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
+        self.views = x if isinstance(x, list) else [x]
+        self.y, self.batch_size, self.seed = y, batch_size, seed
         self.epoch = 0  # the epoch the next on_epoch_begin starts
         self._order = np.arange(len(y))
 
@@ -170,7 +181,8 @@ class Batches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         rows = np.sort(self._order[index * self.batch_size : (index + 1) * self.batch_size])  # sorted: faster gather
-        return self.x[rows], self.y[rows]
+        x = self.views[(self.epoch - 1) % len(self.views)]  # self.epoch already counts the epoch under way
+        return x[rows], self.y[rows]
 
     def on_epoch_begin(self) -> None:  # not on_epoch_end: Keras also calls that once before training, after a peek
         if self.seed is not None:
@@ -339,14 +351,20 @@ def learning_rate(lr: float, schedule: str, warmup_epochs: int, epochs: int, ste
 
 def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size, runtime: Runtime, live_dir,
         backup_dir: Path | None = None, schedule: str = "constant", warmup_epochs: int = 0,
-        keep: str = "val_auc") -> dict:
+        keep: str = "val_auc", augment=None) -> dict:
     """Train `trainable` on (inputs, labels) pairs; keep the epoch chosen by `keep` (see KeepBest).
+
+    The training inputs may be a list of K augmented views (see Batches). With `augment` (AugmentParams), the
+    training images are augmented on the fly in front of `trainable`, which must then take raw pixels.
 
     With `backup_dir`, checkpoints are written there (see Checkpoint) and a rerun after a crash resumes from the
     latest one, giving the same weights, curves and summary as a run that was never interrupted; the folder is
     deleted when training completes. DVCLive's summary holds the kept epoch's values, not the last epoch's.
     """
     batches = Batches(*train, batch_size, seed=int(np.random.randint(2**31)))
+    if augment is not None:
+        with runtime.scope():
+            trainable = augment_lib.on_the_fly(trainable, augment, seed=int(np.random.randint(2**31)))
     with runtime.scope():
         trainable.compile(
             optimizer=keras.optimizers.Adam(learning_rate(lr, schedule, warmup_epochs, epochs, len(batches))),
@@ -390,13 +408,23 @@ def save(model: keras.Model, path: str | Path) -> None:
         model.save(tmp)
 
 
-def cache_train_val(prefix, train, val, dtype: str, label: str):
-    """Activations of the training and validation images, in one pass so both share the prefix's one traced shape."""
+def cache_train_val(prefix, train, val, dtype: str, label: str, augment=None):
+    """Activations of the training and validation images, in one pass so both share the prefix's one traced shape.
+
+    With `augment` (AugmentParams), the training activations are a list of augment.views arrays, one per
+    augmented view of the training images (validation images are never augmented).
+    """
     if prefix is None:
         return train[0], val[0]
-    check_resources(len(train[0]) + len(val[0]), prefix.output.shape[1:], dtype, label)
-    acts = cache_activations(prefix, np.concatenate([train[0], val[0]]), dtype, "train+val")
-    return acts[: len(train[0])], acts[len(train[0]) :]
+    views = augment.views if augment is not None else 0
+    check_resources(len(train[0]) * max(views, 1) + len(val[0]), prefix.output.shape[1:], dtype, label, views)
+    if not views:
+        acts = cache_activations(prefix, np.concatenate([train[0], val[0]]), dtype, "train+val")
+        return acts[: len(train[0])], acts[len(train[0]) :]
+    layers, seed = augment_lib.layers(augment, 0), int(np.random.randint(2**31))
+    train_views = [cache_activations(prefix, train[0], dtype, f"train view {v + 1}/{views}", view=(layers, seed, v))
+                   for v in range(views)]
+    return train_views, cache_activations(prefix, val[0], dtype, "val")
 
 
 def _split(model: keras.Model, block: str | None, runtime: Runtime):
@@ -412,7 +440,7 @@ def _split(model: keras.Model, block: str | None, runtime: Runtime):
     return prefix, trainable
 
 
-def train_head(model: keras.Model, train, val, *, runtime: Runtime, **fit_args) -> dict:
+def train_head(model: keras.Model, train, val, *, runtime: Runtime, augment=None, **fit_args) -> dict:
     """Phase 1: the whole backbone frozen; the head trains on pooled features computed once. 0 epochs: skipped."""
     if fit_args["epochs"] == 0:
         with Live(dir=str(fit_args["live_dir"]), dvcyaml=False, save_dvc_exp=False) as live:
@@ -420,14 +448,18 @@ def train_head(model: keras.Model, train, val, *, runtime: Runtime, **fit_args) 
         return {"best_epoch": 0, "best_val_auc": None}
     model_lib.set_trainable(model, None, train_batchnorm=False)
     prefix, head = _split(model, None, runtime)
-    features = cache_train_val(prefix, train, val, "float32", "train_head")
+    features = cache_train_val(prefix, train, val, "float32", "train_head", augment)
     return fit(head, (features[0], train[1]), (features[1], val[1]), runtime=runtime, **fit_args)
 
 
 def fine_tune(model: keras.Model, train, val, *, block, train_batchnorm, cache_dtype, runtime: Runtime,
-              **fit_args) -> dict:
-    """Phase 2: layers from `block` up train; the prefix before it runs once per image."""
+              augment=None, **fit_args) -> dict:
+    """Phase 2: layers from `block` up train; the prefix before it runs once per image (and augmented view).
+
+    From conv1 nothing is frozen, so augmentation (AugmentParams, or None) runs on the fly instead.
+    """
     model_lib.set_trainable(model, block, train_batchnorm=train_batchnorm)
     prefix, suffix = _split(model, block, runtime)
-    acts = cache_train_val(prefix, train, val, cache_dtype, "fine_tune")
-    return fit(suffix, (acts[0], train[1]), (acts[1], val[1]), runtime=runtime, **fit_args)
+    acts = cache_train_val(prefix, train, val, cache_dtype, "fine_tune", augment)
+    return fit(suffix, (acts[0], train[1]), (acts[1], val[1]), runtime=runtime,
+               augment=augment if prefix is None else None, **fit_args)

@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from pneumonia import data, files, model, params as params_lib, stage, train
+from pneumonia import augment, data, files, model, params as params_lib, stage, train
 
 RESIZED_DIR = Path("data/resized")
 HEAD_MODEL, HEAD_RECORD = Path("models/head.keras"), Path("models/head.json")
@@ -16,13 +16,15 @@ def main(params):
     # Without pretrained weights there are no statistics to protect, so BatchNorm learns too.
     train_batchnorm = params.model.weights == "none"
     trained = model.describe_trainable(block, params.model.weights, train_batchnorm)
+    trained += "; training images " + augment.describe(params.augment, frozen_prefix=block != "conv1")
     print(f"fine_tune: {trained}", flush=True)
     train_split, val_split = data.load_split(RESIZED_DIR, "train"), data.load_split(RESIZED_DIR, "val")
     with runtime.scope():
         net = model.load(HEAD_MODEL)
     summary = train.fine_tune(
         net, train_split, val_split, block=block, train_batchnorm=train_batchnorm,
-        cache_dtype=params.compute.cache_dtype, lr=params.fine_tune.lr, epochs=params.fine_tune.epochs,
+        cache_dtype=params.compute.cache_dtype, augment=params.augment if params.augment.enabled else None,
+        lr=params.fine_tune.lr, epochs=params.fine_tune.epochs,
         patience=params.fine_tune.patience, schedule=params.fine_tune.schedule,
         warmup_epochs=params.fine_tune.warmup_epochs, keep=params.fine_tune.keep, batch_size=params.batch_size,
         runtime=runtime,

@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from pneumonia import data, files, model, stage, train
+from pneumonia import augment, data, files, model, stage, train
 
 RESIZED_DIR = Path("data/resized")
 HEAD_MODEL = Path("models/head.keras")
@@ -23,11 +23,12 @@ def main(params):
     summary = train.train_head(
         net, train_split, val_split, lr=params.lr, epochs=phase.epochs, patience=phase.patience,
         schedule=phase.schedule, warmup_epochs=phase.warmup_epochs, keep=phase.keep,
-        batch_size=params.batch_size, runtime=runtime, live_dir="dvclive/train_head",
+        batch_size=params.batch_size, augment=params.augment if params.augment.enabled else None,
+        runtime=runtime, live_dir="dvclive/train_head",
         backup_dir=train.resume_dir("train_head", params.listed(), RESIZED_DIR),
     )
     if phase.epochs:
-        trained = "the head only (backbone frozen)"
+        trained = "the head only (backbone frozen); training images " + augment.describe(params.augment, True)
         print(f"train_head: kept epoch {summary['best_epoch']} (by {phase.keep}), "
               f"validation AUC {summary['best_val_auc']}", flush=True)
     else:

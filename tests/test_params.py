@@ -119,7 +119,7 @@ def test_unknown_keys_of_mixed_types_are_named(section, keys):
 def test_yaml_with_number_and_name_keys(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("1: a\nfoo: b\n")
-    with pytest.raises(PipelineError, match=r"^params: unknown key 1; known keys here: batch_size, "):
+    with pytest.raises(PipelineError, match=r"^params: unknown key 1; known keys here: augment, batch_size, "):
         params_lib.load(path)
 
 

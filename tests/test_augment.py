@@ -1,0 +1,150 @@
+"""Augmentation: the K-view cache is exact, on-the-fly augmentation resumes exactly, validation is never augmented."""
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import synthetic
+from pneumonia import augment as augment_lib
+from pneumonia import model as model_lib
+from pneumonia import train
+from pneumonia.errors import PipelineError
+from pneumonia.params import AugmentParams, ComputeParams
+
+SIZE = 32
+ON = AugmentParams(enabled=True, views=3)
+
+
+def _images(n, seed=0, size=SIZE):
+    from pneumonia.data import resize_images
+
+    arrays = synthetic.make_arrays(seed)
+    return (resize_images(arrays["train_images"][:n], size, "bilinear")[..., None],
+            arrays["train_labels"][:n, 0].astype("int32"))
+
+
+def test_views_are_fixed_by_seed_view_and_chunk_and_change_the_images():
+    x, _ = _images(40)
+    layers = augment_lib.layers(ON, 0)
+    first = augment_lib.view(layers, x, seed=5, view_index=0, chunk=20)
+    assert first.shape == x.shape and first.dtype == np.float32
+    np.testing.assert_array_equal(first, augment_lib.view(augment_lib.layers(ON, 9), x, 5, 0, 20))  # layer seed unused
+    second = augment_lib.view(layers, x, 5, 1, 20)
+    assert np.abs(first - x).mean() > 1 and np.abs(first - second).mean() > 1  # a real change, and views differ
+    assert first.min() >= 0 and first.max() <= 255  # contrast clipped to the pixel range
+    # No flips: the left half stays (mostly) where it was. A mirrored image would correlate far worse.
+    mirrored = np.corrcoef(first.ravel(), x[:, :, ::-1].ravel())[0, 1]
+    assert np.corrcoef(first.ravel(), x.ravel())[0, 1] > mirrored + 0.05
+
+
+def test_one_epoch_on_a_cached_augmented_view_equals_plain_fit_of_the_full_model_on_that_view(tmp_path):
+    """The K-view route (prefix run once on view v, the suffix trained on its activations) is the same maths as
+    `fit` of the whole model, frozen prefix included, on the augmented images of view v."""
+    x, y = _images(64)
+    val = _images(16, seed=1)
+    runtime = train.configure(0, ComputeParams())
+    keras.utils.set_random_seed(1)
+    project = model_lib.build(SIZE, "none", dropout=0.0)
+    plain = model_lib.build(SIZE, "none", dropout=0.0)
+    initial = project.get_weights()
+    plain.set_weights(initial)
+    kernel = project.get_layer("conv5_block3_3_conv").get_weights()[0].copy()
+
+    keras.utils.set_random_seed(7)
+    train.fine_tune(project, (x, y), val, block="conv5_block1", train_batchnorm=False, cache_dtype="float32",
+                    runtime=runtime, augment=ON, lr=1e-3, epochs=1, patience=1, batch_size=16,
+                    live_dir=tmp_path / "live")
+
+    keras.utils.set_random_seed(7)
+    view_seed = int(np.random.randint(2**31))  # the draws fine_tune makes: the views' seed, then the batch order's
+    batches = train.Batches(augment_lib.view(augment_lib.layers(ON, 0), x, view_seed, 0, train.chunk_size(len(x))),
+                            y, 16, seed=int(np.random.randint(2**31)))
+    batches.on_epoch_begin()
+    xs = np.concatenate([batches[i][0] for i in range(len(batches))])
+    ys = np.concatenate([batches[i][1] for i in range(len(batches))])
+    model_lib.set_trainable(plain, "conv5_block1", train_batchnorm=False)
+    plain.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.BinaryCrossentropy())
+    plain.fit(xs, ys, epochs=1, batch_size=16, shuffle=False, class_weight=train.class_weights(y), verbose=0)
+
+    assert np.abs(project.get_layer("conv5_block3_3_conv").get_weights()[0] - kernel).max() > 1e-3  # it trained
+    for name in ("conv5_block3_3_conv", "logit"):
+        for a, b in zip(project.get_layer(name).get_weights(), plain.get_layer(name).get_weights()):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+    # The same fit on the un-augmented images ends elsewhere: the comparison above can fail.
+    other = model_lib.build(SIZE, "none", dropout=0.0)
+    other.set_weights(initial)
+    model_lib.set_trainable(other, "conv5_block1", train_batchnorm=False)
+    other.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.BinaryCrossentropy())
+    batches.views = [x]
+    plain_x = np.concatenate([batches[i][0] for i in range(len(batches))])
+    other.fit(plain_x, ys, epochs=1, batch_size=16, shuffle=False, class_weight=train.class_weights(y), verbose=0)
+    assert np.abs(other.get_layer("logit").get_weights()[0] - project.get_layer("logit").get_weights()[0]).max() > 1e-4
+
+
+def test_epoch_e_reads_view_e_mod_k():
+    views = [np.full((10, 1), v, "float32") for v in range(3)]
+    batches = train.Batches(views, np.zeros(10, "int32"), 4, seed=0)
+    seen = []
+    for _ in range(5):
+        batches.on_epoch_begin()
+        seen.append({float(v) for i in range(len(batches)) for v in batches[i][0][:, 0]})
+    assert seen == [{0.0}, {1.0}, {2.0}, {0.0}, {1.0}]
+
+
+def test_memory_check_counts_every_view(monkeypatch):
+    import psutil
+
+    class Memory:
+        available = 100 * 2**20
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory)
+    train.check_resources(1000, (10, 10, 10), "float32", "fine_tune", views=1)  # 4 MB: fits
+    with pytest.raises(PipelineError, match="fewer augment.views"):
+        train.check_resources(1000 * 30, (10, 10, 10), "float32", "fine_tune", views=30)  # 120 MB: does not
+
+
+def _small_net():
+    inputs = keras.Input((16, 16, 1))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    x = keras.layers.Dropout(0.2)(keras.layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
+
+
+def _fit_small(tmp_path, name, augment, stop_after=None, keep="last"):
+    from test_train import StopAfterEpoch
+
+    x, y = _images(48, size=16)
+    val = _images(24, seed=1, size=16)
+    keras.utils.set_random_seed(0)
+    runtime = train.configure(0, ComputeParams())
+    net = _small_net()
+    original_fit = keras.Model.fit
+    extra = [StopAfterEpoch(stop_after)] if stop_after else []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(keras.Model, "fit", lambda self, *a, **kw: original_fit(
+            self, *a, **{**kw, "callbacks": [*kw["callbacks"], *extra]}))
+        train.fit(net, (x, y), val, lr=0.05, epochs=5, patience=5, batch_size=16, runtime=runtime,
+                  live_dir=tmp_path / name, backup_dir=tmp_path / "resume" / name, keep=keep, augment=augment)
+    return net, val
+
+
+def test_on_the_fly_augmentation_resumes_exactly_and_never_touches_validation(tmp_path, monkeypatch):
+    monkeypatch.setenv("PNEUMONIA_CHECKPOINT_EVERY_S", "0")
+    net, val = _fit_small(tmp_path, "uninterrupted", ON)
+    assert [layer.name for layer in net.layers if layer.name.startswith("augment")] == []  # the saved model is bare
+    logged = json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())
+    net.compile(loss=keras.losses.BinaryCrossentropy())
+    # keep=last: the logged validation loss is the final model's on the plain validation images.
+    assert logged["eval"]["loss"] == pytest.approx(net.evaluate(*val, batch_size=16, verbose=0), rel=1e-5)
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit_small(tmp_path, "killed", ON, stop_after=3)
+    resumed, _ = _fit_small(tmp_path, "killed", ON)  # the augmentation's random state comes back with the weights
+    for a, b in zip(resumed.get_weights(), net.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+    plain, _ = _fit_small(tmp_path, "plain", None)
+    assert not all(np.array_equal(a, b) for a, b in zip(plain.get_weights(), net.get_weights()))
