@@ -6,6 +6,8 @@ For each phase, on the same data subset, params, seed and epochs, each in its ow
          (DVCLive and the per-epoch resume checkpoints write into a temporary folder)
   b      the plain route: `fit` on the whole model (model.build + set_trainable, the same layers frozen),
          from in-memory arrays, with the same optimizer, learning rate, batch size, class weights and epochs
+  k      a with training-time augmentation: K augmented views of each training image through the frozen
+         prefix (--views), what K costs in time and memory against a
   floor  the compute floor: one forward pass of the frozen prefix over train+val images, plus the
          measured time of one epoch of the trainable suffix alone (train steps on precomputed
          activations and the validation pass) times the epochs; compiled functions warmed up first
@@ -48,7 +50,7 @@ if str(ROOT) not in sys.path:
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"
 DEFAULT_OUT = ROOT / "bench" / "results.json"
 TARGETS = {"phase1_speedup": 5.0, "phase2_speedup": 1.5, "a_over_floor": 1.2}
-VARIANTS = ("a", "b", "floor")
+VARIANTS = ("a", "b", "k", "floor")
 WORKER_TIMEOUT_S = 6 * 3600
 
 
@@ -69,9 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cache-dtype", choices=("float16", "float32"), default="float16", help="phase 2 activation cache")
+    p.add_argument("--views", type=int, default=4, help="augmented views cached per training image in variant k")
     p.add_argument("--floor-epochs", type=int, default=2, help="suffix epochs timed for the floor (at most --epochs)")
     p.add_argument("--repeats", type=int, default=2,
-                   help="runs of a and of the floor per phase, the fastest kept (b, 10x slower, runs once)")
+                   help="runs of a and of the floor per phase, the fastest kept (b, 10x slower, and k run once)")
     p.add_argument("--full-data", action="store_true",
                    help="instead: run the real stages (download .. fine_tune) on every train and val image at "
                         "--image-size and record each stage's peak RSS, into the results file's full_data entry")
@@ -166,9 +169,9 @@ def ratio(x: float, y: float) -> float | None:
 def summarize(args, phases: dict) -> dict:
     out = {}
     for phase, res in phases.items():
-        a, b, floor = res["a"], res["b"], res["floor"]
+        a, b, k, floor = res["a"], res["b"], res["k"], res["floor"]
         images = res["a"]["train_images"] * args.epochs
-        for v in (a, b, floor):
+        for v in (a, b, k, floor):
             wall = v["wall_s"] if v is not floor else v["timed_wall_s"]
             if v is not floor:
                 v["images_per_s"] = round(images / wall, 2)
@@ -182,6 +185,9 @@ def summarize(args, phases: dict) -> dict:
             "cpu_speedup_b_over_a": ratio(b["cpu_s"], a["cpu_s"]),
             "cpu_a_over_floor": ratio(a["cpu_s"], floor["total_cpu_s"]),
             "val_auc_difference": round(abs(a["val_auc"] - b["val_auc"]), 4),
+            "views_k_over_a": ratio(k["wall_s"], a["wall_s"]),
+            "views_cpu_k_over_a": ratio(k["cpu_s"], a["cpu_s"]),
+            "views_peak_rss_k_over_a": ratio(k["peak_rss_mib"], a["peak_rss_mib"]),
         }
     return out
 
@@ -212,8 +218,9 @@ def table(results: dict) -> str:
     ]
     for key, phase in results["phases"].items():
         n = key[-1]
-        names = {"a": "a  project (cached activations)", "b": "b  plain fit on the full model"}
-        for v in ("a", "b"):
+        names = {"a": "a  project (cached activations)", "b": "b  plain fit on the full model",
+                 "k": f"k  a + augmentation, {c['views']} views"}
+        for v in ("a", "b", "k"):
             r = phase[v]
             lines.append(f"{n:<6}{names[v]:<34}{r['wall_s']:>8.1f}{r['images_per_s']:>10.1f}{r['cpu_s']:>8.1f}"
                          f"{r['other_processes_cores']:>8.2f}{r['peak_rss_mib']:>14.0f}{r['val_auc']:>9.4f}{r['best_epoch']:>8d}")
@@ -223,6 +230,8 @@ def table(results: dict) -> str:
         lines.append(f"{'':<6}speed-up b/a {phase['speedup_b_over_a']:.2f}x (CPU {phase['cpu_speedup_b_over_a']:.2f}x)   "
                      f"a/floor {phase['a_over_floor']:.2f} (CPU {phase['cpu_a_over_floor']:.2f})   b/floor {phase['b_over_floor']:.2f}   "
                      f"|val AUC a - b| {phase['val_auc_difference']:.4f}")
+        lines.append(f"{'':<6}{c['views']} augmented views cost k/a {phase['views_k_over_a']:.2f}x wall "
+                     f"(CPU {phase['views_cpu_k_over_a']:.2f}x), peak RSS {phase['views_peak_rss_k_over_a']:.2f}x")
     lines.append("others: CPU cores that other processes on the machine kept busy, on average, while the variant was timed")
     t, m = results["targets"], results["targets_met"]
     yes = {True: "met", False: "NOT met"}
@@ -237,7 +246,8 @@ def table(results: dict) -> str:
         "",
         f"memory ESTIMATE (computed, not measured) for full train+val ({e['images']} images) at {e['image_size']} px:",
         f"  phase 2 {e['cache_dtype']} activation cache at {e['unfreeze_from']} {tuple(e['phase2_activation_shape'])}: "
-        f"{e['phase2_cache_gib']:.2f} GiB",
+        f"{e['phase2_cache_gib']:.2f} GiB; with augmentation, {e['views']} views of the train images: "
+        f"{e['phase2_cache_with_views_gib']:.2f} GiB",
         f"  phase 1 float32 pooled features {tuple(e['phase1_feature_shape'])}: {e['phase1_cache_gib']:.3f} GiB; "
         f"resized uint8 images: {e['images_gib']:.3f} GiB",
         f"  {e['note']}",
@@ -328,6 +338,7 @@ def orchestrate(args) -> dict:
             "dropout": args.dropout, "seed": args.seed, "lr": args.lr, "fine_tune_lr": args.fine_tune_lr,
             "batch_size": args.batch_size, "epochs": args.epochs, "block": args.unfreeze_from,
             "cache_dtype": args.cache_dtype, "floor_epochs": max(1, min(args.floor_epochs, args.epochs)),
+            "views": args.views,
             "head_model": str(work / "head.keras"), "estimate_for": data_info["full_sizes"],
         }
         phases = {}
@@ -336,7 +347,7 @@ def orchestrate(args) -> dict:
             runs = {v: [] for v in VARIANTS}
             for repeat in range(max(1, args.repeats)):
                 for v in VARIANTS:
-                    if v != "b" or repeat == 0:
+                    if v in ("a", "floor") or repeat == 0:
                         runs[v].append(run_worker(f"{v}{phase}", spec, work))
             phases[f"phase{phase}"] = {v: fastest(v, r) for v, r in runs.items()}
         estimate = phases["phase2"]["floor"].pop("memory_estimate")
@@ -353,7 +364,7 @@ def orchestrate(args) -> dict:
                 "val_images": data_info["subset"]["val"]["images"], "subset": data_info["subset"], "epochs": args.epochs,
                 "weights": args.weights, "unfreeze_from": args.unfreeze_from, "lr": args.lr, "fine_tune_lr": args.fine_tune_lr,
                 "batch_size": args.batch_size, "dropout": args.dropout, "seed": args.seed, "cache_dtype": args.cache_dtype,
-                "floor_epochs_timed": spec["floor_epochs"], "repeats_of_a_and_floor": max(1, args.repeats),
+                "floor_epochs_timed": spec["floor_epochs"], "views": args.views, "repeats_of_a_and_floor": max(1, args.repeats),
                 "early_stopping": "off (patience = epochs)",
                 "batchnorm_in_phase2": "trains in the suffix (weights none, as the fine_tune stage does)" if args.weights == "none"
                 else "frozen (inference mode)",
@@ -451,14 +462,19 @@ def _phase_settings(s, phase: int) -> dict:
     return {"block": s["block"], "train_batchnorm": s["weights"] == "none", "lr": s["fine_tune_lr"]}
 
 
-def worker_project(s, phase: int, train_split, val_split, runtime) -> dict:
-    """Variant a: pneumonia.train.train_head / fine_tune, called as stages/train_head.py and fine_tune.py call them."""
+def worker_project(s, phase: int, train_split, val_split, runtime, views: int = 0) -> dict:
+    """Variant a: pneumonia.train.train_head / fine_tune, called as stages/train_head.py and fine_tune.py call them.
+
+    Variant k (views > 0): the same with training-time augmentation, `views` augmented views cached.
+    """
     from pneumonia import train
+    from pneumonia.params import AugmentParams
 
     net = _starting_model(s, phase, runtime)
     work, ps = Path(s["work"]), _phase_settings(s, phase)
     common = dict(lr=ps["lr"], epochs=s["epochs"], patience=s["epochs"], batch_size=s["batch_size"], runtime=runtime,
-                  live_dir=work / f"dvclive-{phase}", backup_dir=work / f"resume-{phase}")
+                  live_dir=work / f"dvclive-{phase}-{views}", backup_dir=work / f"resume-{phase}-{views}",
+                  augment=AugmentParams(enabled=True, views=views) if views else None)
     clock = Clock()
     if phase == 1:
         summary = train.train_head(net, train_split, val_split, **common)
@@ -466,7 +482,7 @@ def worker_project(s, phase: int, train_split, val_split, runtime) -> dict:
         summary = train.fine_tune(net, train_split, val_split, block=ps["block"], train_batchnorm=ps["train_batchnorm"],
                                   cache_dtype=s["cache_dtype"], **common)
     timing = clock.read()
-    if phase == 1:
+    if phase == 1 and not views:
         train.save(net, s["head_model"])  # the one phase-1 model every phase-2 variant starts from
     return {**timing, "val_auc": summary["best_val_auc"], "best_epoch": summary["best_epoch"]}
 
@@ -559,13 +575,16 @@ def memory_estimate(s, image_size: int = 224) -> dict:
     n = sum(s["estimate_for"].values())
     gib = 2**30
     p2 = n * int(np.prod(shape2)) * np.dtype(s["cache_dtype"]).itemsize
+    train_share = s["estimate_for"]["train"] / n
+    p2_views = p2 * (train_share * s["views"] + (1 - train_share))  # K views of the train images, val once
     p1 = n * int(np.prod(shape1)) * 4
     images = n * image_size * image_size
     return {
         "label": "estimate (computed from shapes, not measured)",
         "images": n, "split_sizes": s["estimate_for"], "image_size": image_size, "unfreeze_from": s["block"],
         "cache_dtype": s["cache_dtype"], "phase2_activation_shape": shape2, "phase2_cache_bytes": p2,
-        "phase2_cache_gib": round(p2 / gib, 3), "phase1_feature_shape": shape1, "phase1_cache_bytes": p1,
+        "phase2_cache_gib": round(p2 / gib, 3), "views": s["views"], "phase2_cache_with_views_gib": round(p2_views / gib, 3),
+        "phase1_feature_shape": shape1, "phase1_cache_bytes": p1,
         "phase1_cache_gib": round(p1 / gib, 4), "images_bytes": images, "images_gib": round(images / gib, 4),
         "note": "training gathers one batch at a time from the cache (pneumonia.train.Batches), so the cache is held "
                 "once; the measured figure is python bench/bench.py --full-data",
@@ -584,8 +603,11 @@ def worker(name: str, spec_path: str) -> None:
     print(f"{name}: {runtime.describe()}", flush=True)
     with np.load(s["data"], allow_pickle=False) as npz:
         train_split, val_split = (npz["train_x"], npz["train_y"]), (npz["val_x"], npz["val_y"])
-    run = {"a": worker_project, "b": worker_plain, "floor": worker_floor}[variant]
-    result = run(s, phase, train_split, val_split, runtime)
+    if variant == "k":
+        result = worker_project(s, phase, train_split, val_split, runtime, views=s["views"])
+    else:
+        run = {"a": worker_project, "b": worker_plain, "floor": worker_floor}[variant]
+        result = run(s, phase, train_split, val_split, runtime)
     result = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
     result["peak_rss_mib"] = round(_peak_rss_mib(), 1)
     result["train_images"] = int(len(train_split[1]))

@@ -59,6 +59,7 @@ def render(result: dict, params, record: dict, provenance: dict) -> str:
     test, base, val, cal = result["test"], result["test_at_0.5"], result["val"], result["calibration"]
     head, fine = record["train_head"], record["fine_tune"]
     weights, size = head["params"]["model"]["weights"], record["resize"]["image_size"]
+    source_size = record["resize"].get("data.size", 28)
     counts = provenance["class_counts"]
     source = provenance.get("url") or provenance.get("path")
     lines = [
@@ -71,7 +72,9 @@ def render(result: dict, params, record: dict, provenance: dict) -> str:
         "",
         "## Model",
         f"ResNet-50 ({'from ImageNet weights' if weights == 'imagenet' else 'from random initialisation, no pretrained weights'}), "
-        f"input {size}x{size} grayscale ({record['resize']['resize.interpolation']} upsampling from 28x28), a new head "
+        f"input {size}x{size} grayscale ("
+        + ("the source resolution" if size == source_size else f"{record['resize']['resize.interpolation']} upsampling from "
+           f"{source_size}x{source_size}") + "), a new head "
         f"(global average pooling, dropout {head['params']['model']['dropout']}, one logit).",
         f"- Phase 1 ({_schedule(head['params']['lr'], head['params']['train_head'])}, kept epoch {head['best_epoch']}): "
         f"{head['trained']}.",
@@ -80,7 +83,8 @@ def render(result: dict, params, record: dict, provenance: dict) -> str:
         "",
         "## Data",
         f"PneumoniaMNIST (MedMNIST v2, licence {provenance.get('license', 'CC BY 4.0')}), derived from Kermany et al. 2018 (Cell 172): "
-        "pediatric chest X-rays from Guangzhou Women and Children's Medical Center, center-cropped and downsampled to 28x28.",
+        "pediatric chest X-rays from Guangzhou Women and Children's Medical Center, center-cropped and downsampled to "
+        f"{source_size}x{source_size}.",
         f"Source: `{source}`, MD5 `{provenance['md5']}`"
         + (f" (not the official `{provenance['official_md5']}`: a re-packed copy; its contents were validated)."
            if "warning" in provenance else " (the official file)."),
@@ -128,8 +132,9 @@ def render(result: dict, params, record: dict, provenance: dict) -> str:
         f"{cal['ece_before']} before, {cal['ece_after']} after. See `plots/figures/reliability.png`.",
         "",
         "## Known limitations",
-        "- **Upsampled inputs.** The images are 28x28 and are upsampled to "
-        f"{size}x{size}; fine detail of a real radiograph is gone, and the model has never seen it.",
+        f"- **Downsampled sources.** The images are {source_size}x{source_size}"
+        + (f", upsampled to {size}x{size}" if size != source_size else "")
+        + "; fine detail of a real radiograph is gone, and the model has never seen it.",
         "- **Validation/test shift.** MedMNIST's validation split is a 10% slice of the source's training set, while the test split is "
         "the source's separate test set, which is known to differ (a larger share of normals, different acquisition). A threshold "
         "tuned on validation can land at a different sensitivity on test: compare the validation figures under "

@@ -16,6 +16,7 @@ from pneumonia.errors import PipelineError
 
 SPLITS = ("train", "val", "test")
 FLAG = "pneumoniamnist"
+SIZES = (28, 64, 128, 224)  # MedMNIST v2's 28 px, and MedMNIST+'s native 64, 128 and 224 px files
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pneumonia-pipeline"
 
 
@@ -26,15 +27,22 @@ class DatasetInfo:
     n_samples: dict
     labels: dict
     license: str
+    size: int = 28  # image side in pixels
+
+    @property
+    def filename(self) -> str:
+        """The official file's name: pneumoniamnist.npz at 28 px, pneumoniamnist_<size>.npz otherwise."""
+        return f"{FLAG}.npz" if self.size == 28 else f"{FLAG}_{self.size}.npz"
 
 
-def dataset_info() -> DatasetInfo:
-    """PneumoniaMNIST's URL, MD5, split sizes and label names, from medmnist.INFO."""
+def dataset_info(size: int = 28) -> DatasetInfo:
+    """PneumoniaMNIST's URL and MD5 at `size` px, split sizes and label names, from medmnist.INFO."""
     # medmnist prints a "please install" notice when torch is absent; only INFO is needed here.
     with contextlib.redirect_stdout(io.StringIO()):
         from medmnist import INFO
     info = INFO[FLAG]
-    return DatasetInfo(info["url"], info["MD5"], dict(info["n_samples"]), dict(info["label"]), info["license"])
+    url, md5 = (info["url"], info["MD5"]) if size == 28 else (info[f"url_{size}"], info[f"MD5_{size}"])
+    return DatasetInfo(url, md5, dict(info["n_samples"]), dict(info["label"]), info["license"], size)
 
 
 def md5sum(path: str | Path) -> str:
@@ -48,7 +56,7 @@ def md5sum(path: str | Path) -> str:
 def download(info: DatasetInfo, cache_dir: Path | None = None) -> Path:
     """Download the official file once (MD5-checked) into a cache outside the DVC outputs."""
     cache_dir = cache_dir or CACHE_DIR
-    cached = cache_dir / f"{FLAG}.npz"
+    cached = cache_dir / info.filename
     if cached.is_file() and md5sum(cached) == info.md5:  # already here: no network, and no Keras import
         return cached
     import keras
@@ -58,7 +66,7 @@ def download(info: DatasetInfo, cache_dir: Path | None = None) -> Path:
     cached.unlink(missing_ok=True)
     try:
         path = keras.utils.get_file(
-            fname=f"{FLAG}.npz", origin=info.url, file_hash=info.md5, hash_algorithm="md5", cache_dir=str(cache_dir), cache_subdir="."
+            fname=info.filename, origin=info.url, file_hash=info.md5, hash_algorithm="md5", cache_dir=str(cache_dir), cache_subdir="."
         )
     except Exception as exc:  # network errors come in many types; all get the same advice
         cached.unlink(missing_ok=True)  # Keras keeps a download that failed its MD5 check (an error page, a cut transfer)
@@ -117,8 +125,17 @@ def validate(arrays: dict[str, np.ndarray], info: DatasetInfo, name: str = "data
             raise PipelineError(
                 f"data: {name}: {split} images/labels are {images.dtype}/{labels.dtype}; both must be uint8 as in MedMNIST"
             )
-        if images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise PipelineError(f"data: {name}: {split}_images has shape {images.shape}; expected (N, 28, 28) grayscale")
+        side = info.size
+        if images.ndim == 3 and images.shape[1] == images.shape[2] and images.shape[1] in SIZES and side != images.shape[1]:
+            raise PipelineError(
+                f"data: {name} holds {images.shape[1]}x{images.shape[1]} images but data.size is {side}; "
+                f"set data.size={images.shape[1]} or use the {side} px file"
+            )
+        if images.ndim != 3 or images.shape[1:] != (side, side):
+            raise PipelineError(
+                f"data: {name}: {split}_images has shape {images.shape}; expected (N, {side}, {side}) grayscale "
+                f"(data.size {side})"
+            )
         if labels.shape != (len(images), 1):  # a shape comparison: len() fails on 0-d arrays
             raise PipelineError(
                 f"data: {name}: {split}_labels has shape {labels.shape} for {len(images)} images; expected ({len(images)}, 1)"
@@ -140,13 +157,15 @@ def validate(arrays: dict[str, np.ndarray], info: DatasetInfo, name: str = "data
             )
 
 
-def origin_of(source: str) -> Path:
-    """Where `source` is read from: the download cache for "medmnist", else the local path."""
-    return CACHE_DIR / f"{FLAG}.npz" if source == "medmnist" else Path(source).expanduser()
+def origin_of(source: str, size: int = 28) -> Path:
+    """Where `source` is read from: the download cache for "medmnist" (the file of that size), else the local path."""
+    if source == "medmnist":
+        return CACHE_DIR / DatasetInfo("", "", {}, {}, "", size).filename
+    return Path(source).expanduser()
 
 
-def is_current(source: str, raw_npz: Path, provenance: dict | None) -> bool:
-    """True when `raw_npz` already holds the content of `source`, as recorded in its provenance.
+def is_current(source: str, raw_npz: Path, provenance: dict | None, size: int = 28) -> bool:
+    """True when `raw_npz` already holds the content of `source` at `size` px, as recorded in its provenance.
 
     The download stage runs on every `dvc repro` (a local file can change at the same path) and rewrites
     nothing when this holds, so the stages after it see unchanged data and skip.
@@ -157,8 +176,9 @@ def is_current(source: str, raw_npz: Path, provenance: dict | None) -> bool:
         same_source = provenance.get("source") == "medmnist"
     else:
         same_source = provenance.get("source") == "local" and provenance.get("path") == source
+    same_source = same_source and provenance.get("size", 28) == size
     try:
-        return same_source and md5sum(origin_of(source)) == provenance.get("md5") == md5sum(raw_npz)
+        return same_source and md5sum(origin_of(source, size)) == provenance.get("md5") == md5sum(raw_npz)
     except OSError:  # missing or unreadable: fetch says why
         return False
 
@@ -173,7 +193,7 @@ def fetch(source: str, raw_npz: Path, info: DatasetInfo) -> dict:
         provenance = {"source": "local", "path": str(source)}
     arrays = load_npz(origin, info)
     md5 = md5sum(origin)
-    provenance |= {"md5": md5, "official_md5": info.md5, "license": info.license}
+    provenance |= {"size": info.size, "md5": md5, "official_md5": info.md5, "license": info.license}
     if md5 != info.md5:
         provenance["warning"] = f"MD5 {md5} differs from the official {info.md5}"
     provenance["class_counts"] = {

@@ -27,6 +27,8 @@ RESNET50_BLOCKS = ("conv1",) + tuple(
 @dataclass(frozen=True)
 class DataParams:
     source: str = "medmnist"  # "medmnist" downloads; anything else is a local .npz path
+    # Source resolution: 28 (MedMNIST v2) or MedMNIST+'s native 64, 128, 224 px (the file, downloaded or local).
+    size: Literal[28, 64, 128, 224] = 28
 
 
 @dataclass(frozen=True)
@@ -227,8 +229,8 @@ def _build(cls, data, prefix: str = ""):
 # (a test holds them equal). A stage sees only these (`for_stage`); its resume key and the records its outputs
 # state are built from them.
 STAGE_PARAMS = {
-    "download": ("data.source",),
-    "resize": ("image_size", "resize.interpolation"),
+    "download": ("data.source", "data.size"),
+    "resize": ("data.size", "image_size", "resize.interpolation"),
     "train_head": ("seed", "lr", "batch_size", "model", "augment", "train_head",
                    "compute.mixed_precision", "compute.jit_compile", "compute.distribute"),
     "fine_tune": ("seed", "batch_size", "model.weights", "augment", "fine_tune", "compute"),

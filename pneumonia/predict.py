@@ -38,7 +38,6 @@ from pneumonia.data import resize_images
 from pneumonia.errors import PipelineError
 from pneumonia.files import write_text
 
-SOURCE_SIZE = 28  # PneumoniaMNIST's resolution
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
 FIELDS = ("file", "probability", "decision", "threshold", "error")
 INTERPOLATIONS = typing.get_args(typing.get_type_hints(params_lib.ResizeParams)["interpolation"])
@@ -52,7 +51,7 @@ class InputError(Exception):
 class Entry:
     name: str  # the file, or FILE[test/INDEX] for an .npz image
     stem: str  # for --gradcam file names
-    pixels: np.ndarray | None = None  # (28, 28) uint8 at the source resolution
+    pixels: np.ndarray | None = None  # (S, S) uint8 at the source resolution S (data.size)
     error: str = ""
     probability: float | None = None
 
@@ -119,31 +118,33 @@ def read_npz_test_images(path: Path) -> np.ndarray:
     return images
 
 
-def to_source_resolution(gray: np.ndarray) -> np.ndarray:
-    """Center-crop to a square and downsample to 28x28 with Pillow, as MedMNIST made PneumoniaMNIST.
+def to_source_resolution(gray: np.ndarray, size: int) -> np.ndarray:
+    """Center-crop to a square and downsample to size x size (data.size) with Pillow, as MedMNIST made PneumoniaMNIST.
 
-    The model was trained on 28-pixel images upsampled to its input size: it has
-    never seen finer detail than 28x28. A full-resolution X-ray must therefore go
-    through the same 28-pixel bottleneck before the pipeline's own upsampling, or
+    The model was trained on images of data.size pixels (28 by default) upsampled to its input size: it has
+    never seen finer detail than that. A full-resolution X-ray must therefore go
+    through the same bottleneck before the pipeline's own upsampling, or
     it would be a different kind of image from anything in training. MedMNIST does
     not record its downsampling filter; Pillow's bicubic (antialiased when shrinking)
-    is used. A 28x28 input passes through unchanged.
+    is used. An input already at that size passes through unchanged.
     """
     height, width = gray.shape
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
     square = gray[top : top + side, left : left + side]
-    if side == SOURCE_SIZE:
+    if side == size:
         return np.ascontiguousarray(square)
-    return np.asarray(Image.fromarray(square).resize((SOURCE_SIZE, SOURCE_SIZE), Image.Resampling.BICUBIC))
+    return np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def preprocess(sources: np.ndarray, size: int, interpolation: str) -> np.ndarray:
-    """(N, 28, 28) uint8 -> the model's input (N, size, size, 1), with the resize stage's own function."""
+    """(N, S, S) uint8 -> the model's input (N, size, size, 1), as the resize stage does it (kept when S == size)."""
+    if sources.shape[1] == size:
+        return sources[..., None]
     return resize_images(sources, size, interpolation)[..., None]
 
 
-def load_entries(path: Path) -> list[Entry]:
+def load_entries(path: Path, size: int) -> list[Entry]:
     """One entry per image in `path`; raises InputError when none can be read."""
     if not path.exists():
         raise InputError("no such file")
@@ -153,9 +154,27 @@ def load_entries(path: Path) -> list[Entry]:
         raise InputError("is empty (0 bytes)")
     if path.suffix.lower() == ".npz":
         images = read_npz_test_images(path)
-        return [Entry(f"{path}[test/{i}]", f"{path.stem}_test_{i}", to_source_resolution(image))
+        return [Entry(f"{path}[test/{i}]", f"{path.stem}_test_{i}", to_source_resolution(image, size))
                 for i, image in enumerate(images)]
-    return [Entry(str(path), path.stem, to_source_resolution(read_gray(path)))]
+    return [Entry(str(path), path.stem, to_source_resolution(read_gray(path), size))]
+
+
+def read_preprocessing(model_path: Path, params_path: Path) -> tuple[int, str]:
+    """(data.size, resize.interpolation) the model was trained with.
+
+    From the record the stages wrote beside the model (models/model.json for models/model.keras), which states
+    how that model was made; params.yaml only for a model without one.
+    """
+    record_path = Path(model_path).with_suffix(".json")
+    if not record_path.is_file():
+        loaded = params_lib.load(params_path)
+        return loaded.data.size, loaded.resize.interpolation
+    try:
+        resize = json.loads(record_path.read_text())["resize"]
+        return int(resize.get("data.size", 28)), str(resize["resize.interpolation"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise PipelineError(f"model: {record_path} is not the record the fine_tune stage writes; rerun dvc repro "
+                            "or remove it to use --params") from None
 
 
 def read_operating_point(path: Path) -> tuple[float, float, float]:
@@ -208,8 +227,10 @@ def parse_args(argv):
     parser.add_argument("--metrics", type=Path, default=Path("metrics/metrics.json"),
                         help="the evaluate stage's metrics.json: threshold and calibration")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="where resize.interpolation is read unless --interpolation is given")
-    parser.add_argument("--interpolation", choices=INTERPOLATIONS, help="default: resize.interpolation in --params")
+                        help="data.size and resize.interpolation, read only when the model has no record beside it "
+                             "(models/model.json for models/model.keras)")
+    parser.add_argument("--interpolation", choices=INTERPOLATIONS,
+                        help="default: the one the model was trained with (its record, else --params)")
     parser.add_argument("--output", type=Path, help="write here instead of stdout")
     parser.add_argument("--json", action="store_true", help="JSON instead of CSV")
     parser.add_argument("--gradcam", type=Path, metavar="DIR", help="write image + Grad-CAM overlay PNGs here")
@@ -219,7 +240,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        interpolation = args.interpolation or params_lib.load(args.params).resize.interpolation
+        source_size, interpolation = read_preprocessing(args.model, args.params)
+        interpolation = args.interpolation or interpolation
         threshold, scale, offset = read_operating_point(args.metrics)
         # Keras starts TensorFlow (seconds), so it is imported only once the cheap checks have passed.
         from pneumonia import gradcam, plots
@@ -234,7 +256,7 @@ def main(argv=None) -> int:
     entries = []
     for path in args.files:
         try:
-            entries += load_entries(path)
+            entries += load_entries(path, source_size)
         except InputError as exc:
             print(f"error: {path}: {exc}", file=sys.stderr)
             entries.append(Entry(str(path), path.stem, error=str(exc)))

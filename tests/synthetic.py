@@ -9,13 +9,14 @@ SIZES = {"train": 4708, "val": 524, "test": 624}
 POSITIVE_RATE = 0.74  # about PneumoniaMNIST's share of pneumonia
 
 
-def make_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+def make_arrays(seed: int = 0, size: int = 28) -> dict[str, np.ndarray]:
+    """Images of size x size pixels (data.size: 28, or MedMNIST+'s 64, 128, 224); the same layout at every size."""
     rng = np.random.default_rng(seed)
     arrays = {}
-    yy, xx = np.mgrid[:28, :28]
+    yy, xx = np.mgrid[:size, :size] * (28 / size)  # in 28-pixel units, so the patch scales with the image
     for split, n in SIZES.items():
         labels = (rng.random(n) < POSITIVE_RATE).astype(np.uint8)
-        images = rng.normal(90, 25, size=(n, 28, 28))
+        images = rng.normal(90, 25, size=(n, size, size))
         # "pneumonia": a bright blurry patch somewhere in the middle of the image
         cy, cx = rng.integers(9, 19, size=(2, n))
         blob = np.exp(-((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2) / 18.0)
@@ -25,7 +26,7 @@ def make_arrays(seed: int = 0) -> dict[str, np.ndarray]:
     return arrays
 
 
-def write(path: str | Path, seed: int = 0, **overrides) -> Path:
-    arrays = make_arrays(seed) | overrides
+def write(path: str | Path, seed: int = 0, size: int = 28, **overrides) -> Path:
+    arrays = make_arrays(seed, size) | overrides
     np.savez(path, **arrays)
     return Path(path)

@@ -24,7 +24,7 @@ def test_bench_runs_and_writes_every_field(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "speed-up b/a" in proc.stdout and "memory ESTIMATE" in proc.stdout
+    assert "speed-up b/a" in proc.stdout and "memory ESTIMATE" in proc.stdout and "4 augmented views cost" in proc.stdout
 
     results = json.loads(out.read_text())
     assert {"date", "command", "machine", "config", "phases", "targets", "targets_met", "memory_estimate_full_data"} <= set(results)
@@ -38,7 +38,7 @@ def test_bench_runs_and_writes_every_field(tmp_path):
 
     assert set(results["phases"]) == {"phase1", "phase2"}
     for phase in results["phases"].values():
-        for variant in ("a", "b"):
+        for variant in ("a", "b", "k"):
             r = phase[variant]
             for key in ("wall_s", "cpu_s", "images_per_s", "peak_rss_mib", "process_wall_s"):
                 assert _positive(r[key]), (variant, key, r[key])
@@ -49,7 +49,9 @@ def test_bench_runs_and_writes_every_field(tmp_path):
             assert abs(r["images_per_s"] - 32 * EPOCHS / r["wall_s"]) < 0.1
         # a and the floor ran twice and the faster run counts; b ran once
         assert len(phase["a"]["runs_s"]) == 2 and phase["a"]["wall_s"] == min(phase["a"]["runs_s"])
-        assert phase["b"]["runs_s"] == [phase["b"]["wall_s"]]
+        assert phase["b"]["runs_s"] == [phase["b"]["wall_s"]] and phase["k"]["runs_s"] == [phase["k"]["wall_s"]]
+        for key in ("views_k_over_a", "views_cpu_k_over_a", "views_peak_rss_k_over_a"):
+            assert _positive(phase[key]), (key, phase[key])
         floor = phase["floor"]
         assert len(floor["runs_s"]) == 2 and floor["total_s"] == min(floor["runs_s"])
         for key in ("prefix_s", "prefix_cpu_s", "suffix_epoch_s", "suffix_epoch_cpu_s", "total_s", "total_cpu_s", "timed_wall_s"):
@@ -68,6 +70,7 @@ def test_bench_runs_and_writes_every_field(tmp_path):
     assert "estimate" in estimate["label"]
     assert estimate["images"] == 4708 + 524 and estimate["phase2_activation_shape"] == [14, 14, 1024]
     assert estimate["phase2_cache_bytes"] == (4708 + 524) * 14 * 14 * 1024 * 2
+    assert math.isclose(estimate["phase2_cache_with_views_gib"] * 2**30, (4708 * 4 + 524) * 14 * 14 * 1024 * 2, rel_tol=1e-3)
 
 
 def test_full_data_mode_measures_each_real_stage_and_keeps_the_timing_results(tmp_path):

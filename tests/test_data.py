@@ -175,3 +175,56 @@ def test_resize_keeps_uint8_single_channel():
     assert abs(float(out.mean()) - float(images.mean())) < 2
     nearest = data.resize_images(images, 56, "nearest")
     assert np.array_equal(nearest[:, ::2, ::2], images)
+
+
+@pytest.mark.parametrize("size", data.SIZES)
+def test_each_data_size_names_its_official_file_and_validates_its_shape(tmp_path, size):
+    info = data.dataset_info(size)
+    assert info.size == size and info.n_samples == INFO.n_samples and len(info.md5) == 32
+    assert info.filename == ("pneumoniamnist.npz" if size == 28 else f"pneumoniamnist_{size}.npz")
+    assert info.url.split("?")[0].endswith(info.filename)  # MedMNIST+'s own url_<size> for that file
+    assert data.origin_of("medmnist", size).name == info.filename
+    path = synthetic.write(tmp_path / f"s{size}.npz", size=size)
+    arrays = data.load_npz(path, info)
+    assert arrays["train_images"].shape == (4708, size, size)
+    other = 64 if size == 28 else 28
+    with pytest.raises(PipelineError) as err:  # a file of another size: named, with both ways out
+        data.load_npz(path, data.dataset_info(other))
+    assert str(err.value) == (f"data: {path} holds {size}x{size} images but data.size is {other}; "
+                              f"set data.size={size} or use the {other} px file")
+
+
+def test_a_non_medmnist_shape_gets_the_expected_shape_for_data_size(tmp_path):
+    path = synthetic.write(tmp_path / "odd.npz", size=28)
+    arrays = dict(np.load(path))
+    np.savez(path, **(arrays | {"val_images": np.zeros((524, 30, 30), np.uint8)}))
+    with pytest.raises(PipelineError, match=r"val_images has shape \(524, 30, 30\); expected \(N, 28, 28\) grayscale "
+                                            r"\(data.size 28\)"):
+        data.load_npz(path, INFO)
+
+
+def test_native_size_download_fetches_that_size_file_md5_checked(tmp_path, monkeypatch):
+    """data.size 64 through the real fetch and download code, a local HTTP server standing in for Zenodo."""
+    npz64 = synthetic.write(tmp_path / "pneumoniamnist_64.npz", size=64)
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "pneumoniamnist_64.npz").write_bytes(npz64.read_bytes())
+    server = _serve(served)
+    real = data.dataset_info(64)
+    info = data.DatasetInfo(f"http://127.0.0.1:{server.server_port}/pneumoniamnist_64.npz?download=1",
+                            data.md5sum(npz64), real.n_samples, real.labels, real.license, 64)
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    try:
+        raw = tmp_path / "raw" / "pneumoniamnist.npz"
+        provenance = data.fetch("medmnist", raw, info)
+        assert (tmp_path / "cache" / "pneumoniamnist_64.npz").read_bytes() == npz64.read_bytes() == raw.read_bytes()
+        assert provenance["size"] == 64 and provenance["md5"] == info.md5 and "warning" not in provenance
+        assert data.is_current("medmnist", raw, provenance, 64)
+        assert not data.is_current("medmnist", raw, provenance, 28)  # another size: fetched anew
+        wrong = data.DatasetInfo(info.url, "0" * 32, real.n_samples, real.labels, real.license, 64)
+        (tmp_path / "cache" / "pneumoniamnist_64.npz").unlink()
+        with pytest.raises(PipelineError, match="could not fetch"):  # a file failing its MD5 is refused
+            data.fetch("medmnist", tmp_path / "raw2" / "pneumoniamnist.npz", wrong)
+        assert not (tmp_path / "raw2").exists()
+    finally:
+        server.shutdown()

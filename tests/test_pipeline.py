@@ -12,6 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
+import synthetic
 from conftest import ROOT
 
 METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc", "loss",
@@ -245,3 +246,26 @@ def test_bad_input_stops_with_one_line_and_no_output(repo):
     proc = repo.run("python", "-m", "stages.evaluate", check=False)  # nothing trained yet
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "models/model.keras" in proc.stderr and "dvc repro" in proc.stderr
+
+
+def test_native_resolution_file_is_kept_as_is_and_a_size_mismatch_is_one_line(repo):
+    """data.size 64 with MedMNIST+'s layout at 64 px, through dvc repro: resize keeps the pixels when image_size is
+    64, and the same file under data.size 28 stops with one line naming both sizes, the data in place untouched."""
+    npz64 = synthetic.write(repo.path.parent / "pneumoniamnist_64.npz", size=64)
+    repo.set_params({"data": {"source": str(npz64), "size": 64}, "image_size": 64})
+    proc = repo.dvc("repro", "resize")
+    assert "64x64 -> 64x64 (kept, already at image_size)" in proc.stdout
+    raw = np.load(npz64)
+    for split in ("train", "val", "test"):
+        with np.load(repo.path / "data" / "resized" / f"{split}.npz") as resized:
+            np.testing.assert_array_equal(resized["images"], raw[f"{split}_images"])
+    assert json.loads((repo.path / "data/resized/record.json").read_text())["resize"]["data.size"] == 64
+    assert json.loads((repo.path / "data/raw/provenance.json").read_text())["size"] == 64
+
+    kept = (repo.path / "data/raw/pneumoniamnist.npz").read_bytes()
+    repo.set_params({"data": {"size": 28}})
+    proc = repo.dvc("repro", "resize", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr + proc.stdout
+    assert (f"error: data: {npz64} holds 64x64 images but data.size is 28; set data.size=64 or use the 28 px file"
+            in proc.stderr)
+    assert (repo.path / "data/raw/pneumoniamnist.npz").read_bytes() == kept

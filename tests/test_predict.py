@@ -52,7 +52,7 @@ def test_png_from_the_npz_gives_the_pipelines_array_and_probability(trained, tes
     pngs = [_png(tmp_path / f"test{i}.png", test_images[i]) for i in (0, 5)]
     pipeline = resize_images(test_images, SIZE, "bilinear")[..., None]  # the resize stage; params.yaml says bilinear
     for png, i in zip(pngs, (0, 5)):
-        source = predict.to_source_resolution(predict.read_gray(png))
+        source = predict.to_source_resolution(predict.read_gray(png), 28)
         np.testing.assert_array_equal(predict.preprocess(source[None], SIZE, "bilinear")[0], pipeline[i])
 
     npz = tmp_path / "images.npz"
@@ -89,8 +89,37 @@ def test_large_non_square_image_is_center_cropped_to_28(tmp_path):
     image = np.full((300, 400, 3), 255, np.uint8)  # white side bands, 50 px each
     image[:, 50:350] = 100
     gray = predict.read_gray(_png(tmp_path / "wide.png", image))
-    source = predict.to_source_resolution(gray)
+    source = predict.to_source_resolution(gray, 28)
     assert source.shape == (28, 28) and np.all(source == 100)
+
+
+def test_a_native_resolution_model_gets_images_at_its_data_size_from_its_record(tmp_path, capsys):
+    """A model trained on MedMNIST+'s 64 px file at image_size 64: new images go down to 64 px, not 28, and are not
+    resized again (the resize stage kept them), whatever params.yaml says; the record beside the model decides."""
+    keras.utils.set_random_seed(0)
+    train.save(model_lib.build(64, "none", dropout=0.0), tmp_path / "model.keras")
+    (tmp_path / "model.json").write_text(json.dumps({"resize": {"data.size": 64, "image_size": 64,
+                                                                "resize.interpolation": "nearest"}}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"test": {"threshold": 0.5}, "calibration": {"temperature": 1.0}}))
+    rng = np.random.default_rng(0)
+    xray = rng.integers(0, 255, (300, 400), dtype=np.uint8)
+    png = _png(tmp_path / "xray.png", xray)
+    assert predict.read_preprocessing(tmp_path / "model.keras", ROOT / "params.yaml") == (64, "nearest")
+    expected = np.asarray(Image.fromarray(xray[:, 50:350]).resize((64, 64), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(predict.to_source_resolution(predict.read_gray(png), 64), expected)
+    np.testing.assert_array_equal(predict.preprocess(expected[None], 64, "nearest")[0, ..., 0], expected)
+
+    status = predict.main([str(png), "--model", str(tmp_path / "model.keras"), "--metrics", str(tmp_path / "metrics.json"),
+                           "--params", str(ROOT / "params.yaml")])
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    net = model_lib.load(tmp_path / "model.keras")
+    assert status == 0 and float(rows[0]["probability"]) == pytest.approx(
+        float(net.predict(expected[None, ..., None], verbose=0)[0, 0]), abs=2e-6)
+
+    (tmp_path / "model.json").write_text("{not json")
+    assert predict.main([str(png), "--model", str(tmp_path / "model.keras"), "--metrics",
+                         str(tmp_path / "metrics.json")]) == 1
+    assert "model.json is not the record the fine_tune stage writes" in capsys.readouterr().err
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
