@@ -1,13 +1,18 @@
 """Test metrics across experiments, e.g. one per seed: mean ± sample std, and their ensemble.
 
     dvc exp run -n seed-1 -S seed=1      (seed-2, seed-3, ... likewise)
-    python -m pneumonia.report [EXPERIMENT ...]
+    python -m pneumonia.report [--calibration] [EXPERIMENT ...]
 
 With no names: every experiment of the current commit that has metrics, as `dvc exp show --json` lists
 them. With two or more, the ensemble is scored the way a single run is: the mean calibrated probability
 across the experiments (each one's metrics/predictions.csv, read from its git ref), the threshold chosen
 on the ensemble's validation scores with the experiments' own threshold rule, and the same test metrics
 with stratified bootstrap CIs.
+
+--calibration adds, for every calibration method (evaluate.calibration), each refitted on each experiment's
+validation logits (recovered from its raw probabilities): the 5-fold cross-validated NLL on validation, which
+is how the default is chosen, and on test the NLL, expected calibration error and Brier score, as means over
+the experiments. Test is reported, never used to choose.
 """
 from __future__ import annotations
 
@@ -85,6 +90,30 @@ def ensemble(tables: dict[str, pd.DataFrame], evaluate_params: dict, seed: int) 
     return result
 
 
+def compare_calibrations(tables: dict[str, pd.DataFrame], seed: int) -> pd.DataFrame:
+    """Method -> mean over experiments of its CV NLL on validation and its test NLL, ECE and Brier score."""
+    from scipy.special import expit, logit
+    from sklearn import metrics as skm
+
+    from pneumonia import metrics
+
+    rows = []
+    for table in tables.values():
+        val, test = table[table["split"] == "val"], table[table["split"] == "test"]
+        # The raw probability is the sigmoid of the float64 logit: logit() gives it back (to ~1e-12).
+        val_logits, test_logits = logit(val["probability"].to_numpy()), logit(test["probability"].to_numpy())
+        y_val, y_test = val["label"].to_numpy(), test["label"].to_numpy()
+        for method in metrics.CALIBRATIONS:
+            scale, offset = metrics.fit_calibration(method, y_val, val_logits)
+            probs = expit(scale * test_logits + offset)
+            rows.append({"method": method,
+                         "cv_nll_val": metrics.cross_validated_nll(method, y_val, val_logits, seed=seed),
+                         "nll_test": skm.log_loss(y_test, np.clip(probs, 1e-12, 1 - 1e-12), labels=[0, 1]),
+                         "ece_test": metrics.expected_calibration_error(y_test, probs),
+                         "brier_test": skm.brier_score_loss(y_test, probs)})
+    return pd.DataFrame(rows).groupby("method", sort=False).mean()
+
+
 def _value(data: dict, dotted: str):
     for key in dotted.split("."):
         data = data.get(key) if isinstance(data, dict) else None
@@ -117,14 +146,21 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def score_ensemble(shown: list, used: list[str]) -> dict:
-    """The ensemble of `used`; they must share their evaluate params (the threshold rule, the bootstrap)."""
+def score_ensemble(shown: list, used: list[str], calibration: bool = False) -> tuple[dict | None, pd.DataFrame | None]:
+    """The ensemble of `used` (two or more), and with `calibration` the methods compared (compare_calibrations).
+
+    An ensemble's experiments must share their evaluate params (the threshold rule, the bootstrap).
+    """
     revs = revisions(shown)
+    tables = {n: predictions_at(revs[n][0]) for n in used} if len(used) > 1 or calibration else {}
+    compared = compare_calibrations(tables, revs[used[0]][1].get("seed", 0)) if calibration else None
+    if len(used) < 2:
+        return None, compared
     rules = {json.dumps(revs[n][1].get("evaluate"), sort_keys=True) for n in used}
     if len(rules) != 1:
         raise PipelineError("the experiments differ in their evaluate params; an ensemble needs one threshold rule")
     params = revs[used[0]][1]
-    return ensemble({n: predictions_at(revs[n][0]) for n in used}, params["evaluate"], params["seed"])
+    return ensemble(tables, params["evaluate"], params["seed"]), compared
 
 
 def format_report(used: list[str], stats: pd.DataFrame, combined: dict | None = None) -> str:
@@ -143,17 +179,23 @@ def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__.strip())
         return 0
-    if any(a.startswith("-") for a in argv):
-        print("usage: python -m pneumonia.report [EXPERIMENT ...]", file=sys.stderr)
+    calibration = "--calibration" in argv
+    names = [a for a in argv if a != "--calibration"]
+    if any(a.startswith("-") for a in names):
+        print("usage: python -m pneumonia.report [--calibration] [EXPERIMENT ...]", file=sys.stderr)
         return 2
     try:
         shown = exp_show()
-        used, stats = summarize(experiments(shown), list(dict.fromkeys(argv)))
-        combined = score_ensemble(shown, used) if len(used) > 1 else None
+        used, stats = summarize(experiments(shown), list(dict.fromkeys(names)))
+        combined, compared = score_ensemble(shown, used, calibration)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_report(used, stats, combined))
+    if compared is not None:
+        print("\ncalibration methods, refitted on each experiment's validation logits (means over the experiments):")
+        print(compared.to_string(float_format="{:.4f}".format,
+                                 header=["5-fold CV NLL (val)", "NLL (test)", "ECE (test)", "Brier (test)"]))
     return 0
 
 

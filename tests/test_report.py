@@ -135,3 +135,41 @@ def test_real_dvc_without_experiments(repo):
     proc = repo.run(sys.executable, "-m", "pneumonia.report", check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: no experiments found; run some first, e.g. dvc exp run -S seed=1"
+
+
+def _logit_predictions(seed):
+    """predictions.csv as evaluate writes it: raw = sigmoid(logit), over-confident, with validation's class mix."""
+    from scipy.special import expit
+
+    rng = np.random.default_rng(seed)
+    labels = np.r_[rng.random(200) < 0.74, rng.random(300) < 0.62].astype(int)
+    logits = 3.0 * (2 * labels - 1) + rng.normal(0, 2.5, 500) + 1.5
+    return pd.DataFrame({"split": ["val"] * 200 + ["test"] * 300, "index": list(range(200)) + list(range(300)),
+                         "label": labels, "probability": expit(logits), "calibrated_probability": expit(logits / 2)})
+
+
+def test_calibration_methods_are_compared_refitted_on_validation_only(monkeypatch, capsys):
+    from scipy.special import expit, logit
+
+    tables = {f"seed-{i}": _logit_predictions(i) for i in (1, 2)}
+    compared = report.compare_calibrations(tables, seed=1)
+    assert list(compared.index) == list(metrics.CALIBRATIONS)
+    expected = []
+    for table in tables.values():
+        val, test = table[table["split"] == "val"], table[table["split"] == "test"]
+        scale, offset = metrics.fit_calibration("platt", val["label"], logit(val["probability"]))  # validation only
+        probs = expit(scale * logit(test["probability"].to_numpy()) + offset)
+        expected.append((metrics.cross_validated_nll("platt", val["label"].to_numpy(), logit(val["probability"]), seed=1),
+                         metrics.expected_calibration_error(test["label"], probs), skm.brier_score_loss(test["label"], probs)))
+    np.testing.assert_allclose(compared.loc["platt", ["cv_nll_val", "ece_test", "brier_test"]], np.mean(expected, axis=0))
+    raw_ece = np.mean([metrics.expected_calibration_error(t[t["split"] == "test"]["label"], t[t["split"] == "test"]["probability"])
+                       for t in tables.values()])
+    assert compared.loc["none", "ece_test"] == pytest.approx(raw_ece)
+    assert compared.loc["temperature", "cv_nll_val"] < compared.loc["none", "cv_nll_val"]  # over-confident: T helps
+
+    monkeypatch.setattr(report, "exp_show", lambda: SHOWN)
+    monkeypatch.setattr(report, "predictions_at", lambda rev: _logit_predictions(int(rev[5])))
+    assert report.main(["--calibration", "seed-1"]) == 0
+    out = capsys.readouterr().out
+    assert "calibration methods, refitted on each experiment's validation logits" in out
+    assert [line.split()[0] for line in out.splitlines()[-3:]] == list(metrics.CALIBRATIONS)
