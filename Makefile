@@ -4,6 +4,10 @@
 # make plots - write dvc_plots/index.html (or PLOTS_DIR=dir), a plots page that opens with no network
 # make bench - time the project's training against plain fit and the compute floor (BENCH_ARGS="--epochs 2" to shrink;
 #              BENCH_ARGS=--full-data: peak memory of the real stages on the whole dataset)
+# make gpu-check - on a CUDA machine: the whole pipeline at 224 px from scratch, offline, in a temporary copy, against
+#              the GPU's own floor (bench/results_gpu.json). Uses the machine's own python and packages (TensorFlow,
+#              else JAX), nothing from the internet: GPU_CHECK_ARGS="--data path/to.npz --wheels wheels"
+# make gpu-wheels - where there is internet: wheels/ for gpu-check --wheels on a Python 3.12 machine without it
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,10 +17,14 @@ TF_VERSION := 2.21.0
 MEDMNIST_VERSION := 3.0.2
 PLOTS_DIR ?= dvc_plots
 BENCH_ARGS ?=
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+# Wheels a JAX machine always has already (JAX needs them), left out of the bundle.
+GPU_WHEELS_SKIP ?= numpy scipy
 # The README's `dvc exp show` command ($$ is how make writes $).
 EXP_SHOW := dvc exp show --no-pager --only-changed --drop '.*/|Created|test|val\.|calibration' --keep 'test\.(roc_auc|recall|specificity|f1)$$'
 
-.PHONY: run test exps plots bench setup clean-venv
+.PHONY: run test exps plots bench gpu-check gpu-wheels setup clean-venv
 
 $(VENV)/.runtime: requirements.txt Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed (set PYTHON=python3.x)")'
@@ -51,6 +59,19 @@ plots: $(VENV)/.runtime
 
 bench: $(VENV)/.runtime
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+# Built where there is internet, for a Python 3.12 Linux x86-64 GPU machine without it (gpu-check --wheels wheels).
+# antlr4-python3-runtime (DVC needs it through hydra) is published as source only: it is built here as a wheel.
+gpu-wheels: $(VENV)/.runtime
+	$(BIN)/pip wheel -q --no-deps -w wheels antlr4-python3-runtime==4.9.3
+	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --find-links wheels --dest wheels -r requirements.txt
+	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 --no-deps --dest wheels medmnist==$(MEDMNIST_VERSION)
+	cd wheels && for name in $(GPU_WHEELS_SKIP); do rm -f $$name-[0-9]*.whl; done; ls | wc -l; du -sh .
+
+# No setup step: a GPU machine may have no internet for pip, and has its own TensorFlow or JAX.
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

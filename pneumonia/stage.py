@@ -6,6 +6,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from pneumonia import devicestats
 from pneumonia import params as params_lib
 from pneumonia.errors import PipelineError
 
@@ -28,4 +29,8 @@ def run(name: str, main: Callable[[params_lib.StageParams], None]) -> None:
         print(f"error: {name} interrupted; no partial output was kept, rerun with dvc repro (training resumes "
               "from the last finished epoch)", file=sys.stderr)
         sys.exit(130)
-    print(f"{name}: done in {time.perf_counter() - start:.1f} s", flush=True)
+    wall = time.perf_counter() - start
+    print(f"{name}: done in {wall:.1f} s", flush=True)
+    if devicestats.enabled():  # make gpu-check
+        devicestats.append({"stage": name, "wall_s": round(wall, 2),
+                            "peak_device_memory_bytes": devicestats.peak_memory_bytes()})

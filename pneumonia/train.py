@@ -20,7 +20,7 @@ import numpy as np
 from dvclive import Live
 
 from pneumonia import augment as augment_lib
-from pneumonia import codedeps
+from pneumonia import codedeps, devicestats
 from pneumonia import model as model_lib
 from pneumonia.errors import PipelineError
 from pneumonia.files import atomic_path
@@ -335,6 +335,32 @@ class LiveMetrics(keras.callbacks.Callback):
         self.log(logs)
 
 
+class Throughput(keras.callbacks.Callback):
+    """Seconds of training steps and of the validation pass, per epoch, measured apart (for make gpu-check)."""
+
+    def __init__(self):
+        super().__init__()
+        self.train_s, self.val_s = [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_test_begin(self, logs=None):
+        self._val_start = time.perf_counter()
+        self.train_s.append(self._val_start - self._start)
+
+    def on_test_end(self, logs=None):
+        self.val_s.append(time.perf_counter() - self._val_start)
+
+    def entry(self, phase: str, images: int, batch_size: int) -> dict:
+        """The phase's record; the steady state leaves out the first epoch, which includes tracing and compiling."""
+        steady = self.train_s[1:] or self.train_s
+        return {"phase": phase, "train_images": images, "batch_size": batch_size, "epochs": len(self.train_s),
+                "train_s_per_epoch": [round(t, 3) for t in self.train_s],
+                "val_s_per_epoch": [round(t, 3) for t in self.val_s],
+                "train_images_per_s": round(images * len(steady) / sum(steady), 1) if sum(steady) else None}
+
+
 def learning_rate(lr: float, schedule: str, warmup_epochs: int, epochs: int, steps_per_epoch: int):
     """A constant rate, or Keras's cosine decay to 0 over the epochs after an optional linear warmup from 0.
 
@@ -386,6 +412,8 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
             live_metrics.log(logs)
         # In this order at each epoch end: EarlyStopping's state and the logs are final before a checkpoint.
         callbacks = [early, live_metrics, *([checkpoint] if checkpoint else [])]
+        throughput = Throughput() if devicestats.enabled() else None  # make gpu-check only
+        callbacks += [throughput] if throughput else []
         trainable.fit(
             _for_fit(batches), validation_data=_for_fit(Batches(*val, batch_size)),
             class_weight=class_weights(train[1]), shuffle=False, epochs=epochs, initial_epoch=start,
@@ -400,6 +428,10 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
         live.summary.update(summary)
     if backup_dir is not None:
         shutil.rmtree(backup_dir, ignore_errors=True)
+    if throughput is not None:
+        devicestats.append(throughput.entry(Path(live_dir).name, len(train[1]), batch_size)
+                           | {"mixed_precision": runtime.mixed_precision, "jit_compile": runtime.jit_compile,
+                              "backend": keras.backend.backend(), "gpus": runtime.gpus})
     return summary
 
 
