@@ -22,7 +22,7 @@ def test_gpu_check_runs_the_whole_pipeline_and_the_floor_and_writes_its_results(
     before = _outputs_and_params()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--allow-cpu", "--data", str(npz), "--out", str(out),
-         "--image-size", "32", "--head-epochs", "1", "--epochs", "2", "--batch-sizes", "32,64", "--extra-epochs", "2",
+         "--image-size", "32", "--head-epochs", "1", "--epochs", "2", "--batch-sizes", "32,64", "--extra-epochs", "1",
          "--floor-steps", "2", "--step-timeout", "900"],
         cwd=ROOT, capture_output=True, text=True, timeout=2400,
     )
