@@ -8,6 +8,7 @@ import pandas as pd
 from scipy.special import expit
 
 from pneumonia import metrics, plots
+from pneumonia.errors import PipelineError
 from pneumonia.files import write_json, write_text
 from pneumonia.progress import progress
 
@@ -79,6 +80,14 @@ def write_predictions(path: Path, labels: dict, raw: dict, calibrated: dict) -> 
 
 def read_predictions(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(labels, calibrated probabilities) of one split from predictions.csv."""
-    table = pd.read_csv(path, float_precision="round_trip")  # pandas' default parser may be off by an ulp
-    rows = table[table["split"] == split]
-    return rows["label"].to_numpy(), rows["calibrated_probability"].to_numpy()
+    try:
+        table = pd.read_csv(path, float_precision="round_trip")  # pandas' default parser may be off by an ulp
+        rows = table[table["split"] == split]
+        labels, probs = rows["label"].to_numpy(), rows["calibrated_probability"].to_numpy(dtype="float64")
+    except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError
+        raise PipelineError(f"metrics: cannot read {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                            "rerun dvc repro evaluate to rewrite it") from None
+    if len(rows) == 0 or not np.isin(labels, (0, 1)).all() or not np.isfinite(probs).all():
+        raise PipelineError(f"metrics: {path} has no valid {split} rows (labels 0/1, finite probabilities); "
+                            "rerun dvc repro evaluate to rewrite it")
+    return labels, probs

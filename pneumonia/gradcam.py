@@ -30,9 +30,12 @@ LUNG_BOX_HEIGHT, LUNG_BOX_WIDTH = 0.8, 0.7
 
 def split_at_last_conv(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     """(features, head) sharing the model's layers: head(features(x)) is the logit."""
-    conv = model.get_layer(LAST_CONV).output
-    return keras.Model(model.input, conv, name="gradcam_features"), keras.Model(conv, model.get_layer(LOGIT).output,
-                                                                                 name="gradcam_head")
+    try:
+        conv, logit = model.get_layer(LAST_CONV).output, model.get_layer(LOGIT).output
+    except ValueError:
+        raise PipelineError(f"model: {model.name} has no {LAST_CONV} or {LOGIT} layer; Grad-CAM needs the pipeline's "
+                            "ResNet-50, retrain it with dvc repro") from None
+    return keras.Model(model.input, conv, name="gradcam_features"), keras.Model(conv, logit, name="gradcam_head")
 
 
 def _logit_gradient(head: keras.Model, features):

@@ -3,13 +3,18 @@ import json
 from pathlib import Path
 
 from pneumonia import data, errors_report, model, stage
+from pneumonia.errors import PipelineError
 
 RESIZED_DIR = Path("data/resized")
 FINAL_MODEL = Path("models/model.keras")
 
 
 def main(params):
-    threshold = json.loads(Path("metrics/metrics.json").read_text())["test"]["threshold"]
+    try:
+        threshold = float(json.loads(Path("metrics/metrics.json").read_text())["test"]["threshold"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PipelineError(f"metrics: cannot read the threshold from metrics/metrics.json ({type(exc).__name__}); "
+                            "rerun dvc repro evaluate") from None
     images, _ = data.load_split(RESIZED_DIR, "test")
     counts = errors_report.write(
         images, model.load(FINAL_MODEL), Path("metrics/predictions.csv"), threshold, params.error_analysis.cases,

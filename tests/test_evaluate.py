@@ -39,3 +39,18 @@ def test_predictions_csv_keeps_columns_and_probabilities_exactly(tmp_path):
 @given(st.lists(st.floats(0, 1), min_size=1, max_size=50), st.lists(st.floats(0, 1), min_size=1, max_size=50))
 def test_any_probabilities_survive_the_round_trip(tmp_path_factory, val, test):
     _round_trip(tmp_path_factory.mktemp("p") / "predictions.csv", np.array(val), np.array(test))
+
+
+def test_a_broken_predictions_csv_is_one_clear_error(tmp_path):
+    import pytest
+
+    from pneumonia.errors import PipelineError
+
+    path = tmp_path / "predictions.csv"
+    for text in ("", "split,index\nval,0\n", "split,index,label,probability,calibrated_probability\ntest,0,1,0.5,oops\n",
+                 "split,index,label,probability,calibrated_probability\ntest,0,7,0.5,0.5\n", '"unclosed\n'):
+        path.write_text(text)
+        with pytest.raises(PipelineError, match="rerun dvc repro evaluate"):
+            evaluate.read_predictions(path, "test")
+    with pytest.raises(PipelineError, match="cannot read"):
+        evaluate.read_predictions(tmp_path / "missing.csv", "test")

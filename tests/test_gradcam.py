@@ -121,3 +121,12 @@ def test_error_report_has_gradcam_grids_and_column(tmp_path, monkeypatch):
     assert all(r["heat_outside_lung"] for r in fp[:3])
     assert 5 <= sum(bool(r["heat_outside_lung"]) for r in fp) <= 8
     assert all(0 <= float(r["heat_outside_lung"]) <= 1 for r in rows if r["heat_outside_lung"])
+
+
+def test_a_model_without_the_last_resnet_block_is_one_clear_error():
+    from pneumonia.errors import PipelineError
+
+    inputs = keras.Input((8, 8, 1))
+    other = keras.Model(inputs, keras.layers.Dense(1, name="logit")(keras.layers.Flatten()(inputs)), name="other")
+    with pytest.raises(PipelineError, match="other has no conv5_block3_out or logit layer; Grad-CAM needs"):
+        gradcam.split_at_last_conv(other)
