@@ -44,7 +44,7 @@ def test_repro_experiments_metrics_and_plots(trained_repo):
     assert low <= metrics["test"]["recall"] <= high
     assert {"method", "scale", "offset", "temperature", "ece_before", "ece_after", "brier_before",
             "brier_after"} <= set(metrics["calibration"])
-    assert metrics["calibration"]["method"] == "temperature" and metrics["calibration"]["offset"] == 0
+    assert metrics["calibration"]["method"] == "platt" and metrics["calibration"]["temperature"] is None
     assert set(metrics["calibration"]["cv_nll"]) == {"none", "temperature", "platt"}
     predictions = (p / "metrics/predictions.csv").read_text().splitlines()
     assert predictions[0] == "split,index,label,probability,calibrated_probability" and len(predictions) == 1 + 524 + 624
@@ -94,11 +94,11 @@ def test_repro_experiments_metrics_and_plots(trained_repo):
     assert "test.roc_auc" in commit_vs_exp and "metrics/metrics.json" in commit_vs_exp
 
     out = repo.dvc("exp", "run", "-n", "sens90", "-S", "evaluate.threshold.target_sensitivity=0.9",
-                   "-S", "evaluate.calibration=platt").stdout
+                   "-S", "evaluate.calibration=temperature").stdout
     assert _ran(out) == {"download", "evaluate", "error_analysis"}
     calibration = json.loads((p / "metrics/metrics.json").read_text())["calibration"]
-    assert calibration["method"] == "platt" and calibration["temperature"] is None
-    assert "Platt scaling fitted on validation logits" in (p / "reports/model_card.md").read_text()
+    assert calibration["method"] == "temperature" and calibration["offset"] == 0
+    assert "Temperature scaling fitted on validation logits" in (p / "reports/model_card.md").read_text()
 
     # A param only error_analysis reads reruns only error_analysis, and the model card (evaluate's) stays as it is.
     card = (p / "reports/model_card.md").read_text()
