@@ -98,7 +98,7 @@ def test_medmnist_source_downloads_once_then_uses_the_cache(tmp_path, monkeypatc
     info = data.dataset_info()
     local = data.DatasetInfo(f"http://127.0.0.1:{server.server_port}/pneumoniamnist.npz",
                              hashlib.md5(synthetic_npz.read_bytes()).hexdigest(), info.n_samples, info.labels, info.license)
-    monkeypatch.setattr(data, "dataset_info", lambda: local)
+    monkeypatch.setattr(data, "dataset_info", lambda size=28: local)
     monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
     monkeypatch.chdir(tmp_path)
     params = params_lib.for_stage(params_lib.Params(), "download")
@@ -134,7 +134,7 @@ def test_offline_download_is_one_line_with_nothing_misleading_before(tmp_path, m
     url = f"http://127.0.0.1:{server.server_port}/pneumoniamnist.npz"
     local = data.DatasetInfo(url, hashlib.md5(synthetic_npz.read_bytes()).hexdigest(), info.n_samples, info.labels,
                              info.license)
-    monkeypatch.setattr(data, "dataset_info", lambda: local)
+    monkeypatch.setattr(data, "dataset_info", lambda size=28: local)
     monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
     monkeypatch.chdir(tmp_path)
     params = params_lib.for_stage(params_lib.Params(), "download")
@@ -152,4 +152,4 @@ def test_offline_download_is_one_line_with_nothing_misleading_before(tmp_path, m
     out = capsys.readouterr()
     assert str(offline.value).startswith(f"download: could not fetch {url} (") and "set data.source" in str(offline.value)
     assert "incomplete or outdated" not in out.out + out.err and "re-download" not in out.out + out.err
-    assert out.err == "" and out.out.splitlines() == ["download: source medmnist", f"Downloading data from {url}"]
+    assert out.err == "" and out.out.splitlines() == ["download: source medmnist, 28x28 px", f"Downloading data from {url}"]
