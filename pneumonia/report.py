@@ -28,7 +28,7 @@ from pneumonia.errors import PipelineError
 
 METRICS_FILE = "metrics/metrics.json"
 PREDICTIONS_FILE = "metrics/predictions.csv"
-METRICS = ("test.recall", "test.specificity", "test.precision", "test.f1", "test.roc_auc", "test.pr_auc",
+METRICS = ("test.accuracy", "test.recall", "test.specificity", "test.precision", "test.f1", "test.roc_auc", "test.pr_auc",
            "test.threshold")
 
 
