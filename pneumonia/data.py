@@ -20,6 +20,11 @@ SIZES = (28, 64, 128, 224)  # MedMNIST v2's 28 px, and MedMNIST+'s native 64, 12
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pneumonia-pipeline"
 
 
+def official_filename(size: int) -> str:
+    """The official file's name: pneumoniamnist.npz at 28 px, pneumoniamnist_<size>.npz otherwise."""
+    return f"{FLAG}.npz" if size == 28 else f"{FLAG}_{size}.npz"
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     url: str
@@ -31,8 +36,7 @@ class DatasetInfo:
 
     @property
     def filename(self) -> str:
-        """The official file's name: pneumoniamnist.npz at 28 px, pneumoniamnist_<size>.npz otherwise."""
-        return f"{FLAG}.npz" if self.size == 28 else f"{FLAG}_{self.size}.npz"
+        return official_filename(self.size)
 
 
 def dataset_info(size: int = 28) -> DatasetInfo:
@@ -160,7 +164,7 @@ def validate(arrays: dict[str, np.ndarray], info: DatasetInfo, name: str = "data
 def origin_of(source: str, size: int = 28) -> Path:
     """Where `source` is read from: the download cache for "medmnist" (the file of that size), else the local path."""
     if source == "medmnist":
-        return CACHE_DIR / DatasetInfo("", "", {}, {}, "", size).filename
+        return CACHE_DIR / official_filename(size)
     return Path(source).expanduser()
 
 
