@@ -70,5 +70,28 @@ def _fd2_to(file):
         os.close(saved)
 
 
-if os.environ.get("PNEUMONIA_TF_LOGS", "") in ("", "0") and "tensorflow" not in sys.modules:
+def quiet_float16_notice() -> None:
+    """Run one float16 op now, keeping TensorFlow's once-per-process oneDNN notice about it off the output.
+
+    On CPUs without AVX-512 FP16, TensorFlow prints "oneDNN supports DT_HALF only on platforms with AVX-512 ..."
+    (and falls back to Eigen) when the first float16 op runs: under mixed precision, or on the float16
+    activation cache. That happens after import, outside _QuietTensorFlow; this runs that first op while fd 2
+    is captured, and passes on anything else it printed. Call it after the devices are configured.
+    """
+    if not _QUIET:
+        return
+    import tensorflow as tf
+
+    with tempfile.TemporaryFile() as log:
+        with _fd2_to(log), tf.device("/CPU:0"):
+            ones = tf.ones((2, 2), tf.float16)
+            tf.matmul(ones, ones).numpy()
+        log.seek(0)
+        for line in log.read().decode(errors="replace").splitlines(keepends=True):
+            if "supports DT_HALF only on platforms with AVX-512" not in line:
+                sys.stderr.write(line)
+
+
+_QUIET = os.environ.get("PNEUMONIA_TF_LOGS", "") in ("", "0")
+if _QUIET and "tensorflow" not in sys.modules:
     sys.meta_path.insert(0, _QuietTensorFlow())

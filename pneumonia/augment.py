@@ -2,7 +2,9 @@
 
 No flips: the heart sits on one side of a chest X-ray. Validation and test images are never augmented.
 Two routes, chosen by what is frozen (pneumonia.train):
-- nothing frozen: `on_the_fly` puts the layers in front of the trained model, so each epoch sees new images;
+- nothing frozen: each training batch is augmented where batches are made (train.Batches), from seeds fixed by
+  (seed, epoch, batch), so each epoch sees new images and the compiled train step keeps XLA (these Keras
+  layers do not support jit, and inside the model would switch it off for the whole step);
 - a frozen prefix: `view` draws K fixed augmented copies of the training set, whose prefix activations are
   cached once; epoch e trains on copy e mod K.
 """
@@ -40,14 +42,10 @@ def describe(augment, frozen_prefix: bool) -> str:
     return f"{what} on the fly, new every epoch"
 
 
-def on_the_fly(model: keras.Model, augment, seed: int) -> keras.Model:
-    """`model` behind the augmentation layers, for training only: the layers are identities outside training,
-    and their random state is a model variable, so a checkpoint restores it. `model` itself is what is saved."""
-    return keras.Sequential([keras.Input(model.input.shape[1:]), *layers(augment, seed), model], name="augmented")
-
-
 def transform(augment_layers: list, images: np.ndarray, seed: int, view_index: int, chunk_index: int) -> np.ndarray:
-    """Chunk `chunk_index` of augmented view `view_index`, from seeds fixed by (seed, view, chunk), as float32."""
+    """Chunk `chunk_index` of augmented view `view_index`, from seeds fixed by (seed, view, chunk), as float32.
+
+    On the fly, the view is the epoch and the chunk the batch."""
     x = keras.ops.convert_to_tensor(images, "float32")
     base = int(np.random.default_rng([seed, view_index, chunk_index]).integers(_SEED_SPACE))
     for number, layer in enumerate(augment_layers):

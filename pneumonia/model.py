@@ -33,10 +33,29 @@ def build(image_size: int, weights: str, dropout: float) -> keras.Model:
             "to train from scratch"
         ) from None
     x = keras.layers.Dropout(dropout, name="head_dropout")(backbone.output)
-    x = keras.layers.Dense(1, name=LOGIT)(x)
-    # float32 output even under mixed precision.
+    # The logit and the probability in float32 even under mixed precision: float16 logits are spaced 0.008 apart
+    # at |logit| 8-16, which ties images at the threshold.
+    x = keras.layers.Dense(1, dtype="float32", name=LOGIT)(x)
     outputs = keras.layers.Activation("sigmoid", dtype="float32", name="probability")(x)
     return keras.Model(inputs, outputs, name="pneumonia_resnet50")
+
+
+def with_policy(model: keras.Model, policy: str) -> keras.Model:
+    """`model` (as `build` makes it), its layers computing under `policy` ("float32" or "mixed_float16").
+
+    A layer keeps the policy it was built under, also when saved and loaded, so this builds the network anew
+    under `policy` and copies the weights (always float32 variables). The logit and probability stay float32.
+    """
+    if all(layer.dtype_policy.name == policy for layer in model.layers if layer.name not in (LOGIT, "probability")):
+        return model
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        rebuilt = build(model.input.shape[1], "none", model.get_layer("head_dropout").rate)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 def boundary(model: keras.Model, block: str | None):

@@ -164,8 +164,20 @@ _RULES = {
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-05` as a float (YAML 1.2), as `dvc exp run -S lr=1e-5` writes it."""
+    """SafeLoader with YAML 1.2's floats and booleans, as DVC (ruamel, YAML 1.2) writes params.yaml.
 
+    `dvc exp run -S lr=1e-5` writes `1e-05`, a string to YAML 1.1; `-S compute.mixed_precision=off` writes a plain
+    `off`, which YAML 1.1 reads as False (and on/yes/no alike). Here only true/false are booleans.
+    """
+
+
+# YAML 1.1's boolean resolver out, YAML 1.2's (true/false in three spellings) in.
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",

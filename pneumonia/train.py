@@ -11,7 +11,10 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import numpy as np
 from dvclive import Live
 
 from pneumonia import augment as augment_lib
+from pneumonia import quiet_float16_notice
 from pneumonia import codedeps, devicestats
 from pneumonia import model as model_lib
 from pneumonia.errors import PipelineError
@@ -35,11 +39,20 @@ DEFAULT_CHECKPOINT_EVERY_S = 30.0  # a crash loses at most this much training; s
 class Runtime:
     gpus: int
     mixed_precision: bool
-    jit_compile: bool
+    jit_compile: bool  # requested; fit prints what Keras really compiled
     strategy: object | None  # a tf.distribute strategy, or None
 
     def scope(self):
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    @property
+    def replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync if self.strategy is not None else 1
+
+    def key(self) -> dict:
+        """What a checkpoint depends on beyond params, code and data: its variables and their numerics."""
+        return {"backend": keras.backend.backend(), "mixed_precision": self.mixed_precision,
+                "jit_compile": self.jit_compile, "replicas": self.replicas}
 
     def describe(self) -> str:
         dist = type(self.strategy).__name__ if self.strategy is not None else "none"
@@ -60,26 +73,51 @@ def _visible_gpus() -> int:
     return 0
 
 
+def _gpus_listed_by_nvidia_smi() -> int:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return 0
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
 def configure(seed: int, compute) -> Runtime:
     """Seeds, determinism and the GPU-only switches, all decided here and only here."""
     keras.utils.set_random_seed(seed)  # Python, NumPy and the backend
     backend = keras.backend.backend()
     gpus = _visible_gpus()
+    listed = _gpus_listed_by_nvidia_smi() if gpus == 0 else 0
+    if listed:  # a broken CUDA install: the backend's own message is among the start-up chatter hidden on import
+        print(f"warning: nvidia-smi lists {listed} GPU(s) but {backend} sees none, so this trains on the CPU; "
+              "check the CUDA libraries (PNEUMONIA_TF_LOGS=1 shows TensorFlow's start-up messages)",
+              file=sys.stderr, flush=True)
     mixed = compute.mixed_precision == "on" or (compute.mixed_precision == "auto" and gpus > 0)
+    # MirroredStrategy is TensorFlow's: auto uses it only there, other backends train on one device.
+    mirrored = compute.distribute == "mirrored" or (compute.distribute == "auto" and gpus > 1
+                                                    and backend == "tensorflow")
+    if mirrored and backend != "tensorflow":
+        raise PipelineError("params: compute.distribute=mirrored needs the TensorFlow backend; set it to none")
+    # XLA under tf.distribute fails across replicas ("Trying to access resource ... replica_1"), which is why
+    # Keras's own auto leaves it off there; auto does the same here, and an explicit `on` is refused.
+    if mirrored and compute.jit_compile == "on":
+        raise PipelineError("params: compute.jit_compile=on does not work with MirroredStrategy; set "
+                            "compute.jit_compile=auto (off under MirroredStrategy) or compute.distribute=none")
     # JAX without jit runs op by op, so auto means on there (as Keras's own default does).
-    jit = compute.jit_compile == "on" or (compute.jit_compile == "auto" and (gpus > 0 or backend == "jax"))
-    if backend == "tensorflow" and not jit:
+    jit = compute.jit_compile == "on" or (compute.jit_compile == "auto" and not mirrored
+                                          and (gpus > 0 or backend == "jax"))
+    if backend == "tensorflow":
+        from tensorflow.python.framework import config as tf_config
+
         # Keras silently drops XLA when op determinism is on, so it is one or the other:
         # bit-identical reruns without XLA (the CPU default), XLA speed with it (the GPU default).
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
+        tf_config.disable_op_determinism() if jit else tf_config.enable_op_determinism()
+        quiet_float16_notice()
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     strategy = None
-    # MirroredStrategy is TensorFlow's: auto uses it only there, other backends train on one device.
-    if compute.distribute == "mirrored" or (compute.distribute == "auto" and gpus > 1 and backend == "tensorflow"):
-        if backend != "tensorflow":
-            raise PipelineError("params: compute.distribute=mirrored needs the TensorFlow backend; set it to none")
+    if mirrored:
         import tensorflow as tf
 
         strategy = tf.distribute.MirroredStrategy()
@@ -136,11 +174,12 @@ def check_resources(n_images: int, activation_shape, dtype: str, label: str, vie
         )
 
 
-def resume_dir(stage: str, stage_params: dict, *inputs) -> Path:
-    """Checkpoint folder for this stage's code, params and input files.
+def resume_dir(stage: str, stage_params: dict, *inputs, runtime: Runtime) -> Path:
+    """Checkpoint folder for this stage's code, params, input files and runtime.
 
     The key holds the content of the stage's own source files (pneumonia.codedeps), its params (only those it
-    reads) and its inputs by size and mtime, so a rerun after a crash resumes and anything changed starts afresh.
+    reads), its inputs by size and mtime and the runtime (backend, precision, XLA, replicas: Runtime.key), so a
+    rerun after a crash resumes and anything changed starts afresh.
     Checkpoint folders of this stage under any other key are orphans and are deleted.
     """
     files = {}
@@ -149,7 +188,8 @@ def resume_dir(stage: str, stage_params: dict, *inputs) -> Path:
             if f.is_file():
                 files[str(f)] = [f.stat().st_size, f.stat().st_mtime_ns]
     code = {name: hashlib.sha256((codedeps.ROOT / name).read_bytes()).hexdigest() for name in codedeps.stage_code(stage)}
-    fingerprint = json.dumps({"params": stage_params, "inputs": files, "code": code}, sort_keys=True, default=str)
+    fingerprint = json.dumps({"params": stage_params, "inputs": files, "code": code, "runtime": runtime.key()},
+                             sort_keys=True, default=str)
     folder = RESUME_ROOT / f"{stage}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
     for orphan in RESUME_ROOT.glob(f"{stage}-*"):
         if orphan != folder:
@@ -162,6 +202,12 @@ class Batches(keras.utils.PyDataset):
 
     Epoch e's order depends only on (seed, e), so a resumed run draws the same orders as an uninterrupted one.
     `x` may be a list of K arrays (augmented views of the same images): epoch e reads view e mod K.
+    With `augment` = (augmentation layers, seed), each batch is augmented here, where batches are made, from
+    seeds fixed by (seed, epoch, batch): outside the compiled train step, whose XLA the augmentation layers
+    would switch off (they do not support jit), and exactly the same again in a resumed run.
+    With `drop_remainder` (training), every batch is full: an odd last batch would compile another program of
+    the train step under XLA and update BatchNorm's statistics from a handful of images. Each epoch's order is
+    new, so the images left out differ from epoch to epoch.
 
     Why not fit's own route for arrays: it turns each array into a tensor (tf.data from_tensors), which on
     TensorFlow 2.21 holds two more copies of it, so phase 2 would peak at about four times its activation cache;
@@ -169,20 +215,26 @@ class Batches(keras.utils.PyDataset):
     global seed, replaying the first epoch's order in every epoch.
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = None):
+    def __init__(self, x, y: np.ndarray, batch_size: int, seed: int | None = None, augment=None,
+                 drop_remainder: bool = False):
         super().__init__(workers=1, use_multiprocessing=False)
         self.views = x if isinstance(x, list) else [x]
-        self.y, self.batch_size, self.seed = y, batch_size, seed
+        self.y, self.batch_size, self.seed, self.augment = y, batch_size, seed, augment
+        self.drop_remainder = drop_remainder and len(y) >= batch_size
         self.epoch = 0  # the epoch the next on_epoch_begin starts
         self._order = np.arange(len(y))
 
     def __len__(self) -> int:
-        return -(-len(self.y) // self.batch_size)
+        return len(self.y) // self.batch_size if self.drop_remainder else -(-len(self.y) // self.batch_size)
 
     def __getitem__(self, index: int):
         rows = np.sort(self._order[index * self.batch_size : (index + 1) * self.batch_size])  # sorted: faster gather
-        x = self.views[(self.epoch - 1) % len(self.views)]  # self.epoch already counts the epoch under way
-        return x[rows], self.y[rows]
+        epoch = max(self.epoch - 1, 0)  # self.epoch already counts the epoch under way
+        x = self.views[epoch % len(self.views)][rows]
+        if self.augment is not None:
+            layers, seed = self.augment
+            x = augment_lib.transform(layers, x, seed, epoch, index)
+        return x, self.y[rows]
 
     def on_epoch_begin(self) -> None:  # not on_epoch_end: Keras also calls that once before training, after a peek
         if self.seed is not None:
@@ -273,17 +325,32 @@ class Checkpoint(keras.callbacks.Callback):
         done = sorted(self.folder.glob("epoch-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
         return done[-1] if done else None
 
-    def restore(self, model: keras.Model) -> int:
-        """Load the latest checkpoint into `model`, the callbacks and the history; return the epochs it finished."""
+    def restore(self, model: keras.Model, runtime: Runtime) -> int:
+        """Load the latest checkpoint into `model`, the callbacks and the history; return the epochs it finished.
+
+        A checkpoint whose variables do not match the model's by path and shape (another runtime: mixed
+        precision's loss scaling adds optimizer variables) or cannot be read is deleted, and training starts afresh.
+        """
         latest = self._latest()
         if latest is None:
             return 0
-        state = json.loads((latest / "state.json").read_text())
-        with np.load(latest / "variables.npz") as saved:
+        with runtime.scope():  # optimizer variables made under a strategy must be made in its scope
             model.optimizer.build(model.trainable_variables)
-            for i, variable in enumerate([*model.variables, *model.optimizer.variables]):
-                variable.assign(saved[f"v{i}"])
-            best = [saved[f"best{i}"] for i in range(state["best_weights"])] if state["best_weights"] else None
+        named = _named_variables(model)
+        try:
+            state = json.loads((latest / "state.json").read_text())
+            with np.load(latest / "variables.npz") as saved:
+                stored = {k for k in saved.files if not k.startswith("best/")}
+                if stored != set(named) or any(saved[k].shape != tuple(v.shape) for k, v in named.items()):
+                    raise ValueError("its variables are not this model's")
+                with runtime.scope():
+                    for key, variable in named.items():
+                        variable.assign(saved[key])
+                best = [saved[f"best/{i}"] for i in range(state["best_weights"])] if state["best_weights"] else None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            print(f"  discarding the checkpoint {latest} ({exc}); training starts afresh", flush=True)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return 0
         self.early.resume_state = (state["early"], best)
         self.history[:] = state["history"]
         return state["epoch"]
@@ -292,10 +359,9 @@ class Checkpoint(keras.callbacks.Callback):
         last = epoch + 1 == self.params["epochs"] or self.model.stop_training  # training ends here anyway
         if last or time.monotonic() - self._last_write < checkpoint_interval():
             return
-        arrays = {f"v{i}": keras.ops.convert_to_numpy(v)
-                  for i, v in enumerate([*self.model.variables, *self.model.optimizer.variables])}
+        arrays = {key: keras.ops.convert_to_numpy(v) for key, v in _named_variables(self.model).items()}
         best = self.early.best_weights or []
-        arrays |= {f"best{i}": w for i, w in enumerate(best)}
+        arrays |= {f"best/{i}": w for i, w in enumerate(best)}
         state = {"epoch": epoch + 1, "early": self.early.state(), "best_weights": len(best), "history": self.history}
         tmp = self.folder / f".epoch-{epoch + 1}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -308,6 +374,18 @@ class Checkpoint(keras.callbacks.Callback):
                 shutil.rmtree(older, ignore_errors=True)
         print(f"  checkpoint after epoch {epoch + 1}", flush=True)
         self._last_write = time.monotonic()
+
+
+def _named_variables(model: keras.Model) -> dict:
+    """Every variable of the model and its optimizer by path (model/conv1_conv/kernel, optimizer/adam/iteration)."""
+    named = {}
+    for prefix, variables in (("model", model.variables), ("optimizer", model.optimizer.variables)):
+        for variable in variables:
+            key, n = f"{prefix}/{variable.path}", 1
+            while key in named:  # paths are unique in practice; numbered in order if not
+                key, n = f"{prefix}/{variable.path}#{n}", n + 1
+            named[key] = variable
+    return named
 
 
 class LiveMetrics(keras.callbacks.Callback):
@@ -381,16 +459,16 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
     """Train `trainable` on (inputs, labels) pairs; keep the epoch chosen by `keep` (see KeepBest).
 
     The training inputs may be a list of K augmented views (see Batches). With `augment` (AugmentParams), the
-    training images are augmented on the fly in front of `trainable`, which must then take raw pixels.
+    training images are augmented on the fly as batches are made (see Batches); `trainable` must then take raw
+    pixels.
 
     With `backup_dir`, checkpoints are written there (see Checkpoint) and a rerun after a crash resumes from the
     latest one, giving the same weights, curves and summary as a run that was never interrupted; the folder is
     deleted when training completes. DVCLive's summary holds the kept epoch's values, not the last epoch's.
     """
-    batches = Batches(*train, batch_size, seed=int(np.random.randint(2**31)))
-    if augment is not None:
-        with runtime.scope():
-            trainable = augment_lib.on_the_fly(trainable, augment, seed=int(np.random.randint(2**31)))
+    batch_seed = int(np.random.randint(2**31))
+    on_the_fly = (augment_lib.layers(augment, 0), int(np.random.randint(2**31))) if augment is not None else None
+    batches = Batches(*train, batch_size, seed=batch_seed, augment=on_the_fly, drop_remainder=True)
     with runtime.scope():
         trainable.compile(
             optimizer=keras.optimizers.Adam(learning_rate(lr, schedule, warmup_epochs, epochs, len(batches))),
@@ -401,11 +479,13 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
     early, history = KeepBest(keep, patience, epochs), []
     checkpoint = Checkpoint(backup_dir, early, history) if backup_dir is not None else None
     # No checkpoint is written after the last epoch, so a resumed run always has epochs left to train.
-    start = batches.epoch = checkpoint.restore(trainable) if checkpoint else 0
+    start = batches.epoch = checkpoint.restore(trainable, runtime) if checkpoint else 0
     if start:
         print(f"  resuming an interrupted run after epoch {start} from {backup_dir}", flush=True)
+    # What Keras really compiled: it drops XLA for a layer without jit support or under op determinism.
     print(f"  training {len(trainable.trainable_weights)} weight tensors for up to {epochs} epochs on "
-          f"{len(train[1])} images ({len(val[1])} for validation)", flush=True)
+          f"{len(train[1])} images ({len(val[1])} for validation), XLA {'on' if trainable.jit_compile else 'off'}",
+          flush=True)
     with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         live_metrics = LiveMetrics(live, history)
         for logs in history:  # the curves of the epochs before an interruption
@@ -430,14 +510,16 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
         shutil.rmtree(backup_dir, ignore_errors=True)
     if throughput is not None:
         devicestats.append(throughput.entry(Path(live_dir).name, len(train[1]), batch_size)
-                           | {"mixed_precision": runtime.mixed_precision, "jit_compile": runtime.jit_compile,
+                           | {"mixed_precision": runtime.mixed_precision, "jit_compile": bool(trainable.jit_compile),
                               "backend": keras.backend.backend(), "gpus": runtime.gpus})
     return summary
 
 
 def save(model: keras.Model, path: str | Path) -> None:
+    """Saved in float32 whatever the training precision: a float16 model would compute in float16 wherever it
+    is loaded (evaluate, predict, a CPU), with float16 logits; fine_tune rebuilds it under its own policy."""
     with atomic_path(path) as tmp:
-        model.save(tmp)
+        model_lib.with_policy(model, "float32").save(tmp)
 
 
 def cache_train_val(prefix, train, val, dtype: str, label: str, augment=None):

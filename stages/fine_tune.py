@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+import keras
+
 from pneumonia import augment, data, files, model, params as params_lib, stage, train
 
 RESIZED_DIR = Path("data/resized")
@@ -19,8 +21,8 @@ def main(params):
     trained += "; training images " + augment.describe(params.augment, frozen_prefix=block != "conv1")
     print(f"fine_tune: {trained}", flush=True)
     train_split, val_split = data.load_split(RESIZED_DIR, "train"), data.load_split(RESIZED_DIR, "val")
-    with runtime.scope():
-        net = model.load(HEAD_MODEL)
+    with runtime.scope():  # saved in float32 (train.save): rebuilt under this run's precision
+        net = model.with_policy(model.load(HEAD_MODEL), keras.config.dtype_policy().name)
     summary = train.fine_tune(
         net, train_split, val_split, block=block, train_batchnorm=train_batchnorm,
         cache_dtype=params.compute.cache_dtype, augment=params.augment if params.augment.enabled else None,
@@ -29,7 +31,8 @@ def main(params):
         warmup_epochs=params.fine_tune.warmup_epochs, keep=params.fine_tune.keep, batch_size=params.batch_size,
         runtime=runtime,
         live_dir="dvclive/fine_tune",
-        backup_dir=train.resume_dir("fine_tune", params.listed(), RESIZED_DIR, HEAD_MODEL, HEAD_RECORD),
+        backup_dir=train.resume_dir("fine_tune", params.listed(), RESIZED_DIR, HEAD_MODEL, HEAD_RECORD,
+                                    runtime=runtime),
     )
     print(f"fine_tune: kept epoch {summary['best_epoch']} (by {params.fine_tune.keep}), "
           f"validation AUC {summary['best_val_auc']}", flush=True)

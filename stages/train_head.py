@@ -25,7 +25,7 @@ def main(params):
         schedule=phase.schedule, warmup_epochs=phase.warmup_epochs, keep=phase.keep,
         batch_size=params.batch_size, augment=params.augment if params.augment.enabled else None,
         runtime=runtime, live_dir="dvclive/train_head",
-        backup_dir=train.resume_dir("train_head", params.listed(), RESIZED_DIR),
+        backup_dir=train.resume_dir("train_head", params.listed(), RESIZED_DIR, runtime=runtime),
     )
     if phase.epochs:
         trained = "the head only (backbone frozen); training images " + augment.describe(params.augment, True)

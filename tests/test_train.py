@@ -1,4 +1,7 @@
+import functools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -24,7 +27,7 @@ class StopAfterEpoch(keras.callbacks.Callback):
 
 def _head():
     inputs = keras.Input((8,))
-    hidden = keras.layers.Dropout(0.3)(keras.layers.Dense(16, activation="relu")(inputs))  # dropout: an RNG to resume
+    hidden = keras.layers.Dropout(0.3)(keras.layers.Dense(16, activation="relu", name="hidden")(inputs))  # dropout: an RNG to resume
     return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(hidden))
 
 
@@ -46,6 +49,7 @@ def _curves(live_dir):
 
 def _train(tmp_path, name, stop_after=None, **options):
     """A fresh process's view: seeded, new model; train.fit with checkpoints every epoch, maybe killed."""
+    keras.backend.clear_session()  # layer names (and so variable paths) restart as in a new process
     keras.utils.set_random_seed(0)
     runtime = train.configure(0, ComputeParams())
     model = _head()
@@ -73,6 +77,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys
         with pytest.raises(KeyboardInterrupt):
             _train(tmp_path, name, stop_after=k)
         assert (tmp_path / "resume" / name / f"epoch-{k}" / "state.json").exists()
+        with np.load(tmp_path / "resume" / name / f"epoch-{k}" / "variables.npz") as saved:  # by path, not index
+            assert {"model/hidden/kernel", "optimizer/adam/iteration"} <= set(saved.files)
         capsys.readouterr()
         model, resumed = _train(tmp_path, name)
         assert f"resuming an interrupted run after epoch {k}" in capsys.readouterr().out
@@ -173,10 +179,17 @@ def test_summary_holds_the_kept_epoch_and_the_curves_every_epoch(tmp_path):
     assert logged["eval"]["loss"] != curves["plots/metrics/eval/loss.tsv"][-1][1]
 
 
-def test_resume_dir_changes_with_code_params_and_inputs_and_drops_orphans(tmp_path, monkeypatch):
+def test_resume_dir_changes_with_code_params_inputs_and_runtime_and_drops_orphans(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "d.npz"
     data.write_bytes(b"x")
+    runtime = train.Runtime(gpus=0, mixed_precision=False, jit_compile=False, strategy=None)
+    key = train.resume_dir("train_head", {"lr": 1e-4}, data, runtime=runtime)
+    # A GPU run's checkpoint (mixed precision adds loss-scale variables, XLA changes the numerics) is not this one's.
+    for other in (dict(mixed_precision=True), dict(jit_compile=True)):
+        assert train.resume_dir("train_head", {"lr": 1e-4}, data,
+                                runtime=train.Runtime(**{**runtime.__dict__, **other})) != key
+    monkeypatch.setattr(train, "resume_dir", functools.partial(train.resume_dir, runtime=runtime))
     a = train.resume_dir("train_head", {"lr": 1e-4}, data)
     a.mkdir(parents=True)
     assert a == train.resume_dir("train_head", {"lr": 1e-4}, data) and a.exists()
@@ -220,9 +233,15 @@ def test_configure_picks_distribution_and_xla_per_backend(monkeypatch, backend):
 
         monkeypatch.setattr(tf.distribute, "MirroredStrategy", lambda: "mirrored")
     runtime = train.configure(0, ComputeParams())
-    assert runtime.jit_compile and runtime.mixed_precision  # auto: on with GPUs
+    assert runtime.mixed_precision  # auto: on with GPUs
     assert runtime.strategy == ("mirrored" if backend == "tensorflow" else None)
-    assert train.configure(0, ComputeParams(distribute="none")).strategy is None
+    # XLA across MirroredStrategy's replicas fails, so auto leaves it off there (as Keras's auto does), and on is refused.
+    assert runtime.jit_compile == (backend == "jax")
+    single = train.configure(0, ComputeParams(distribute="none"))
+    assert single.strategy is None and single.jit_compile
+    if backend == "tensorflow":
+        with pytest.raises(PipelineError, match="jit_compile=on does not work with MirroredStrategy"):
+            train.configure(0, ComputeParams(jit_compile="on"))
     if backend == "jax":
         with pytest.raises(PipelineError, match="needs the TensorFlow backend"):
             train.configure(0, ComputeParams(distribute="mirrored"))
@@ -291,3 +310,45 @@ def test_batches_copy_one_batch_not_the_arrays():
     x = np.zeros((64, 4, 4, 8), dtype="float16")
     batch = train.Batches(x, np.zeros(64, "int32"), 16, seed=0)[0][0]
     assert batch.shape == (16, 4, 4, 8) and batch.dtype == np.float16 and not np.shares_memory(batch, x)
+
+
+def test_a_checkpoint_of_other_variables_is_discarded_and_training_starts_afresh(tmp_path, monkeypatch, capsys):
+    """Another runtime's checkpoint (here: another model's variables) never lands in the wrong variables, and a
+    rerun is not stuck on it: it is deleted with one line and the run starts from epoch 0."""
+    monkeypatch.setenv("PNEUMONIA_CHECKPOINT_EVERY_S", "0")
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, "run", stop_after=2)
+    checkpoint = tmp_path / "resume" / "run"
+    assert (checkpoint / "epoch-2").exists()
+    monkeypatch.setattr(sys.modules[__name__], "_head", lambda: keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(4, name="other"), keras.layers.Dense(1, activation="sigmoid")]))
+    capsys.readouterr()
+    _, summary = _train(tmp_path, "run")
+    out = capsys.readouterr().out
+    assert "discarding the checkpoint" in out and "training starts afresh" in out
+    assert "resuming" not in out and not checkpoint.exists() and summary["best_epoch"] >= 1
+
+
+def test_drop_remainder_makes_every_training_batch_full():
+    x, y = np.arange(70, dtype="float32")[:, None], (np.arange(70) % 2).astype("int32")
+    batches = train.Batches(x, y, 16, seed=1, drop_remainder=True)
+    left_out = []
+    for _ in range(2):
+        batches.on_epoch_begin()
+        assert len(batches) == 4 and {len(batches[i][1]) for i in range(4)} == {16}
+        left_out.append(set(range(70)) - {int(v) for i in range(4) for v in batches[i][0][:, 0]})
+    assert len(left_out[0]) == 6 and left_out[0] != left_out[1]  # a new order each epoch leaves out others
+    assert len(train.Batches(x[:10], y[:10], 16, drop_remainder=True)) == 1  # fewer images than a batch: one batch
+
+
+def test_configure_warns_in_one_line_when_nvidia_smi_lists_gpus_the_backend_cannot_see(tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "nvidia-smi"  # a machine whose driver works but whose CUDA libraries do not load
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-0)'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    train.configure(0, ComputeParams())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nvidia-smi lists 1 GPU(s) but tensorflow sees none" in err[0]
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no nvidia-smi: nothing said
+    train.configure(0, ComputeParams())
+    assert capsys.readouterr().err == ""
