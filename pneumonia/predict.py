@@ -2,11 +2,16 @@
 
     python -m pneumonia.predict xray1.png xray2.jpg [--gradcam DIR] [--json] [--output FILE]
 
-Inputs: any image Pillow reads (PNG, JPEG, ...), DICOM when pydicom is
-installed, or a MedMNIST-layout .npz, of which the test split is predicted
-(rows named FILE[test/INDEX]; the arrays are loaded with allow_pickle=False).
-Colour becomes grayscale; 16-bit PNGs and DICOM pixel data are stretched
-linearly from their minimum to their maximum onto 0..255 (no DICOM windowing).
+Inputs: any image Pillow reads (PNG, JPEG, ...; turned upright by its EXIF
+orientation), single-frame grayscale DICOM, or a MedMNIST-layout .npz, of which
+the test split is predicted (rows named FILE[test/INDEX]; the arrays are loaded
+with allow_pickle=False). Colour becomes grayscale; 16-bit PNGs are stretched
+linearly from their minimum to their maximum onto 0..255. DICOM goes through its
+grayscale pipeline (see _read_dicom): Rescale Slope/Intercept or Modality LUT,
+then its VOI LUT or window (else the 0.5th..99.5th percentiles), inverted for
+MONOCHROME1 or Presentation LUT Shape INVERSE, onto 0..255 (0 dark).
+Compressed DICOM: pydicom decodes RLE, and baseline JPEG and JPEG 2000 with Pillow;
+for other transfer syntaxes the error row names the decoders to install.
 Then the training preprocessing: see to_source_resolution and preprocess.
 
 Output: CSV on stdout (or --output FILE; --json for JSON), one row per image:
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy.special import expit
 
 from pneumonia import params as params_lib
@@ -56,13 +61,16 @@ class Entry:
     probability: float | None = None
 
 
-def _to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Stretch 16-bit or float pixels linearly onto 0..255."""
+def _to_uint8(pixels: np.ndarray, low: float | None = None, high: float | None = None,
+              invert: bool = False) -> np.ndarray:
+    """Map low..high (default: the minimum and maximum) linearly onto 0..255, clipping outside; invert: 255..0."""
     pixels = pixels.astype("float64")
-    low, high = pixels.min(), pixels.max()
+    low = pixels.min() if low is None else low
+    high = pixels.max() if high is None else high
     if high <= low:
         return np.zeros(pixels.shape, np.uint8)
-    return np.round((pixels - low) / (high - low) * 255).astype(np.uint8)
+    unit = np.clip((pixels - low) / (high - low), 0, 1)
+    return np.round((1 - unit if invert else unit) * 255).astype(np.uint8)
 
 
 def _is_dicom(path: Path) -> bool:
@@ -70,22 +78,65 @@ def _is_dicom(path: Path) -> bool:
         return f.read(132)[128:] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom")
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__  # pydicom's messages can span lines
+
+
+def _decode_error(syntax, exc: Exception) -> InputError:
+    """Compressed pixel data pydicom could not decode: the decoders it would use for that syntax, or converting it."""
+    from pydicom.pixels import get_decoder
+
+    decoder = get_decoder(syntax)
+    reason = f"decoding failed ({_one_line(exc)})" if decoder.is_available else "needs a decoder, and none is installed"
+    missing = "; ".join(decoder.missing_dependencies)  # pydicom's own, e.g. "pylibjpeg - requires ..."
+    pip_name = " (gdcm is pip install python-gdcm)" if "gdcm" in missing else ""
+    install = f"install one of: {missing}{pip_name}, or " if missing else ""
+    return InputError(f"compressed transfer syntax {syntax.name} ({syntax}): {reason}; {install}"
+                      "convert the file to uncompressed (e.g. gdcmconv --raw IN OUT)")
+
+
 def _read_dicom(path: Path) -> np.ndarray:
+    """The DICOM grayscale pipeline (PS3.4 N.2.1) with pydicom's own functions, onto 0..255 where 0 is dark.
+
+    Stored values -> Modality LUT (Rescale Slope/Intercept) -> VOI LUT or window, whose output range is mapped
+    onto 0..255 so values outside the window clip. A file without either is clipped at its 0.5th and 99.5th
+    percentiles instead: a min-max stretch would be set by collimator edges and burned-in text, not the anatomy.
+    Then the Presentation LUT: MONOCHROME1 (high values dark) and Presentation LUT Shape INVERSE each mean one
+    inversion, also together: the standard has MONOCHROME1 files say INVERSE (PS3.3 C.8.11.7), the same inversion.
+    """
     try:
         import pydicom
-        from pydicom.errors import InvalidDicomError
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:
-        raise InputError("reading DICOM needs pydicom (pip install pydicom)") from None
+        raise InputError("reading DICOM needs pydicom (pip install -r requirements.txt)") from None
     try:
         dataset = pydicom.dcmread(path)
-        pixels = dataset.pixel_array.astype("float64")
-    except (InvalidDicomError, OSError, ValueError, AttributeError, EOFError) as exc:
-        raise InputError(f"not a readable DICOM file ({exc})") from None
-    if pixels.ndim != 2 or pixels.size == 0:
-        raise InputError(f"DICOM pixel data has shape {pixels.shape}; expected one grayscale frame")
-    if dataset.get("PhotometricInterpretation") == "MONOCHROME1":  # there, high values are dark
-        pixels = pixels.max() - pixels
-    return _to_uint8(pixels)
+        syntax = dataset.file_meta.get("TransferSyntaxUID")
+        try:
+            stored = dataset.pixel_array
+        except Exception as exc:
+            if syntax is None or not syntax.is_compressed:
+                raise
+            raise _decode_error(syntax, exc) from None
+        if stored.ndim != 2 or stored.size == 0:
+            raise InputError(f"DICOM pixel data has shape {stored.shape}; expected one grayscale frame")
+        values = apply_modality_lut(stored, dataset)
+        if dataset.get("VOILUTSequence") or None not in (dataset.get("WindowCenter"), dataset.get("WindowWidth")):
+            # The VOI output range (pydicom's window spans the BitsStored range, a LUT its entries): what the
+            # lowest and highest storable values map to.
+            bits = dataset.BitsStored
+            lowest = -(1 << bits - 1) if dataset.PixelRepresentation else 0
+            span = apply_voi_lut(apply_modality_lut(np.array([lowest, lowest + (1 << bits) - 1]), dataset), dataset)
+            values, low, high = apply_voi_lut(values, dataset), span.min(), span.max()
+        else:
+            low, high = np.percentile(values, [0.5, 99.5])
+        invert = (dataset.PhotometricInterpretation == "MONOCHROME1"
+                  or str(dataset.get("PresentationLUTShape", "")).strip().upper() == "INVERSE")
+        return _to_uint8(values, low, high, invert)
+    except InputError:
+        raise
+    except Exception as exc:  # pydicom raises many types for one bad file; it must not abort the others
+        raise InputError(f"not a readable DICOM file ({type(exc).__name__}: {_one_line(exc)})") from None
 
 
 def read_gray(path: Path) -> np.ndarray:
@@ -94,9 +145,10 @@ def read_gray(path: Path) -> np.ndarray:
         if _is_dicom(path):
             return _read_dicom(path)
         with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)  # a camera JPEG may be stored sideways; this also decodes it
             if image.mode in SIXTEEN_BIT_MODES:  # 16-bit X-rays: convert("L") would clip, not scale
                 return _to_uint8(np.asarray(image))
-            return np.asarray(image.convert("L"))  # convert() decodes, so a truncated file fails here
+            return np.asarray(image.convert("L"))
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise InputError(f"not a readable image ({exc})") from None
 

@@ -7,8 +7,10 @@ import keras
 import numpy as np
 import pytest
 from PIL import Image
+from pydicom.uid import JPEGLSLossless
 from scipy.special import expit
 
+import dicom_files
 import synthetic
 from conftest import ROOT
 from pneumonia import model as model_lib
@@ -122,6 +124,17 @@ def test_a_native_resolution_model_gets_images_at_its_data_size_from_its_record(
     assert "model.json is not the record the fine_tune stage writes" in capsys.readouterr().err
 
 
+def test_jpeg_with_exif_orientation_comes_out_upright(tmp_path):
+    """Orientation 6: stored turned 90 degrees anticlockwise, displayed by turning it clockwise."""
+    upright = np.zeros((64, 32), np.uint8)
+    upright[:16] = 255  # bright top band
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(np.rot90(upright)).save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    gray = predict.read_gray(tmp_path / "phone.jpg")
+    assert gray.shape == (64, 32) and np.abs(gray.astype(int) - upright).mean() < 2
+
+
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
     ramp = np.linspace(0, 4000, 28 * 28).reshape(28, 28).astype(np.uint16)
     gray = predict.read_gray(_png(tmp_path / "deep.png", ramp))
@@ -173,6 +186,18 @@ def test_each_bad_file_gets_one_error_line_and_row_and_the_others_are_predicted(
     for (case, path), line, row in zip(bad.items(), err, rows[1:-1]):
         assert line.startswith(f"error: {path}: ") and BAD_CASES[case] in line, (case, line)
         assert row["probability"] == row["decision"] == "" and BAD_CASES[case] in row["error"], (case, row)
+
+
+def test_undecodable_compressed_dicom_is_one_error_row_and_a_good_dicom_is_still_predicted(trained, test_images,
+                                                                                           tmp_path, capsys):
+    good = dicom_files.write(tmp_path / "good.dcm", 1000 + 10 * test_images[0].astype(np.uint16), bits_stored=12)
+    compressed = dicom_files.write(tmp_path / "compressed.dcm", test_images[0], syntax=JPEGLSLossless)
+    same = _png(tmp_path / "same.png", predict.read_gray(good))  # what the DICOM reads as
+    status, rows, err = _run(trained, capsys, good, compressed, same)
+    assert status == 1 and [r["file"] for r in rows] == list(map(str, [good, compressed, same]))
+    assert rows[0]["probability"] == rows[2]["probability"] != "" and rows[0]["error"] == rows[2]["error"] == ""
+    assert rows[1]["probability"] == "" and rows[1]["error"].startswith("compressed transfer syntax JPEG-LS")
+    assert err == [f"error: {compressed}: {rows[1]['error']}"]
 
 
 @pytest.mark.parametrize("missing", ["model", "metrics"])
