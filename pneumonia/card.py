@@ -54,6 +54,38 @@ def _schedule(lr, phase: dict) -> str:
     return f"{rate}, {phase['epochs']} epochs at most, keeping {kept}"
 
 
+def _predictive_values(test: dict) -> list[str]:
+    """The PPV and NPV table, with the prevalences as metrics.json keys them ("5pct")."""
+    return [
+        "## Predictive values at other prevalences",
+        f"The test split is {_pct((test['tp'] + test['fn']) / (test['tp'] + test['fn'] + test['tn'] + test['fp']))} "
+        "pneumonia; a screened population usually has less. From the test sensitivity and specificity at the operating "
+        "threshold, by Bayes' rule (assuming both carry over to that population):",
+        "",
+        "| prevalence | PPV (flagged who have pneumonia) | NPV (cleared who do not) |",
+        "|---|---|---|",
+        *[f"| {key.removesuffix('pct')}% | {_pct(ppv)} | {_pct(test['npv_at_prevalence'][key])} |"
+          for key, ppv in test["ppv_at_prevalence"].items()],
+        "",
+    ]
+
+
+def _sigmoid(scale: float, offset: float) -> str:
+    return f"sigmoid({scale:.4g} * logit {'-' if offset < 0 else '+'} {abs(offset):.4g})"
+
+
+def _prevalence_text(cal: dict, val: dict) -> str:
+    """Which share of pneumonia the calibrated probabilities are for."""
+    own = (val["tp"] + val["fn"]) / (val["tp"] + val["fn"] + val["tn"] + val["fp"])
+    if not cal["prevalence_shift"]:
+        return f"The probabilities are for validation's share of pneumonia, {_pct(own)} (evaluate.prevalence validation). "
+    return (f"The probabilities are for a population with {_pct(cal['prevalence'])} pneumonia (evaluate.prevalence): "
+            f"validation's share ({_pct(own)}) replaced by Bayes' rule on the odds, exact if only the class mix differs: "
+            f"the fitted log-odds move by logit({cal['prevalence']}) - logit({own:.4f}) = {cal['prevalence_shift']:.4g}, "
+            f"so p = {_sigmoid(cal['scale'], cal['offset'])}. Test's share differs, so the test ECE and Brier score below "
+            "judge these probabilities on another population. ")
+
+
 def render(result: dict, params, record: dict, provenance: dict) -> str:
     """params: the evaluate stage's own; record: models/model.json; provenance: data/raw/provenance.json."""
     test, base, val, cal = result["test"], result["test_at_0.5"], result["val"], result["calibration"]
@@ -62,6 +94,7 @@ def render(result: dict, params, record: dict, provenance: dict) -> str:
     source_size = record["resize"].get("data.size", 28)
     counts = provenance["class_counts"]
     source = provenance.get("url") or provenance.get("path")
+    plain_sigmoid = params.evaluate.calibration == "none" and not cal["prevalence_shift"]
     lines = [
         "# Model card: pneumonia screening on chest X-rays (PneumoniaMNIST)",
         "",
@@ -94,13 +127,15 @@ def render(result: dict, params, record: dict, provenance: dict) -> str:
         *[f"| {split} | {c['normal']} | {c['pneumonia']} |" for split, c in counts.items()],
         "",
         "## Operating threshold",
-        f"**{test['threshold']:.4f}** on the {'' if params.evaluate.calibration == 'none' else 'calibrated '}probability, chosen on the "
+        f"**{test['threshold']:.4f}** on the {'' if plain_sigmoid else 'calibrated '}probability, chosen on the "
         f"validation split only: {_threshold_text(params)}. On validation it gives sensitivity {_pct(val['recall'])} and "
         f"specificity {_pct(val['specificity'])}. The test split was never used to choose it.",
         "",
         "## Test results",
         f"Test split: {test['tp'] + test['fn']} pneumonia, {test['tn'] + test['fp']} normal. "
-        + (f"95% confidence intervals from a stratified bootstrap ({params.evaluate.bootstrap.samples} resamples)."
+        + (f"95% confidence intervals from a bootstrap ({params.evaluate.bootstrap.samples} resamples of validation and "
+           "test together, each within its classes): every resample refits the calibration and re-chooses the threshold "
+           "on its validation part, so the intervals include the uncertainty of the operating point."
            if params.evaluate.bootstrap.samples else "No bootstrap intervals (evaluate.bootstrap.samples is 0)."),
         "",
         f"| metric | at threshold {test['threshold']:.4f} | 95% CI | at 0.5, uncalibrated (as the reference notebook) |",
@@ -115,6 +150,7 @@ def render(result: dict, params, record: dict, provenance: dict) -> str:
         f"| False positives | {test['fp']} | | {base['fp']} |",
         f"| False negatives | {test['fn']} | | {base['fn']} |",
         "",
+        *_predictive_values(test),
         "## Confusion matrix (test, at the operating threshold)",
         "",
         "| | predicted normal | predicted pneumonia |",
@@ -124,8 +160,9 @@ def render(result: dict, params, record: dict, provenance: dict) -> str:
         "",
         "## Calibration",
         {"temperature": f"Temperature scaling fitted on validation logits: T = {cal['temperature']}. ",
-         "platt": f"Platt scaling fitted on validation logits: sigmoid({cal['scale']:.4g} * logit + {cal['offset']:.4g}). ",
+         "platt": f"Platt scaling fitted on validation logits: {_sigmoid(cal['scale'], cal['offset'] - cal['prevalence_shift'])}. ",
          "none": "No calibration (evaluate.calibration is none). "}[params.evaluate.calibration]
+        + _prevalence_text(cal, val)
         + "Held-out NLL on validation (5-fold), the honest comparison of the methods: "
         + ", ".join(f"{m} {v}" for m, v in cal["cv_nll"].items()) + ". "
         + f"On test, Brier score {cal['brier_before']} before, {cal['brier_after']} after; expected calibration error (10 bins) "

@@ -30,16 +30,20 @@ def evaluate(val, test, val_logits, test_logits, params, metrics_path: Path, pre
     """val/test are (images, labels); writes metrics.json, predictions.csv and the plots; returns the metrics."""
     cfg = params.evaluate
     y_val, y_test = val[1], test[1]
-    scale, offset = metrics.fit_calibration(cfg.calibration, y_val, val_logits)
+    scale, fitted_offset = metrics.fit_calibration(cfg.calibration, y_val, val_logits)
+    shift = metrics.prevalence_shift(cfg.prevalence, y_val)
+    offset = fitted_offset + shift  # the one offset applied here, written to metrics.json and applied by predict
     raw = {"val": expit(val_logits), "test": expit(test_logits)}
-    calibrated = {"val": expit(scale * val_logits + offset), "test": expit(scale * test_logits + offset)}
+    calibrated = {"val": metrics.calibrate(val_logits, scale, offset), "test": metrics.calibrate(test_logits, scale, offset)}
 
-    threshold = metrics.choose_threshold(
-        y_val, calibrated["val"], cfg.threshold.strategy, cfg.threshold.target_sensitivity, cfg.threshold.value
-    )
+    rule = {"strategy": cfg.threshold.strategy, "target_sensitivity": cfg.threshold.target_sensitivity,
+            "value": cfg.threshold.value}
+    threshold = metrics.choose_threshold(y_val, calibrated["val"], **rule)
     test_metrics = metrics.binary_metrics(y_test, calibrated["test"], threshold)
+    test_metrics |= metrics.predictive_values(test_metrics)
     if cfg.bootstrap.samples:
-        test_metrics |= metrics.bootstrap_ci(y_test, calibrated["test"], threshold, cfg.bootstrap.samples, params.seed)
+        test_metrics |= metrics.bootstrap_ci((y_val, val_logits), (y_test, test_logits), cfg.bootstrap.samples,
+                                             params.seed, calibration=cfg.calibration, prevalence=cfg.prevalence, **rule)
     result = {
         "test": test_metrics,
         # The reference notebook's operating point: the uncalibrated model at 0.5.
@@ -47,7 +51,10 @@ def evaluate(val, test, val_logits, test_logits, params, metrics_path: Path, pre
         "val": metrics.binary_metrics(y_val, calibrated["val"], threshold),
         "calibration": {
             "method": cfg.calibration, "scale": scale, "offset": offset,
-            "temperature": 1.0 / scale if offset == 0 else None,  # None: platt is not a temperature
+            "temperature": 1.0 / scale if cfg.calibration != "platt" else None,  # None: platt is not a temperature
+            # The share of pneumonia the probabilities are for, and the log-odds added to the fit to get there.
+            "prevalence": round(float(np.mean(y_val)) if cfg.prevalence == "validation" else cfg.prevalence, 4),
+            "prevalence_shift": shift,
             **metrics.calibration_summary(y_test, raw["test"], calibrated["test"]),
             # Which method generalises on validation: 5-fold held-out NLL of each (the in-sample fit favours platt).
             "cv_nll": {m: round(metrics.cross_validated_nll(m, y_val, val_logits, seed=params.seed), 4)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,11 @@ class EvaluateParams:
     threshold: ThresholdParams = field(default_factory=ThresholdParams)
     # platt: the lowest 5-fold cross-validated NLL on validation of the three, over the reference runs (README)
     calibration: Literal["temperature", "platt", "none"] = "platt"
+    # The share of pneumonia the calibrated probabilities are for: the log-odds move by logit(prevalence) -
+    # logit(validation's share) after the fit (metrics.prevalence_shift). Default validation: no shift, as before.
+    # No other number follows from the data: training's share equals validation's, and test's is a property of
+    # that test set (choosing it would fit test); a number states the population the model is deployed to.
+    prevalence: float | Literal["validation"] = "validation"
     bootstrap: BootstrapParams = field(default_factory=BootstrapParams)
 
 
@@ -158,6 +164,8 @@ _RULES = {
     "fine_tune.patience": (lambda v: v >= 1, "at least 1"),
     "evaluate.threshold.target_sensitivity": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "evaluate.threshold.value": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "evaluate.prevalence": (lambda v: v == "validation" or 0 < v < 1,
+                            "a share of pneumonia in (0, 1), or validation (validation's own: no shift)"),
     "evaluate.bootstrap.samples": (lambda v: v >= 0, "at least 0 (0 turns confidence intervals off)"),
     "error_analysis.cases": (lambda v: 1 <= v <= 100, "between 1 and 100"),
 }
@@ -200,6 +208,13 @@ def _coerce(value, hint, key: str):
         if value not in choices:
             raise PipelineError(f"params: {key} is {value!r}; use one of: {', '.join(map(str, choices))}")
         return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            try:
+                return _coerce(value, arm, key)
+            except PipelineError:
+                pass
+        raise PipelineError(f"params: {key} is {value!r}; it must be {_RULES[key][1]}")
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
     ok = {

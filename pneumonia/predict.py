@@ -16,7 +16,8 @@ Then the training preprocessing: see to_source_resolution and preprocess.
 
 Output: CSV on stdout (or --output FILE; --json for JSON), one row per image:
 file, probability (calibrated as the evaluate stage did, with the scale and
-offset from metrics.json; plain sigmoid with calibration none), decision (pneumonia when probability >= threshold,
+offset from metrics.json: for the share of pneumonia it records as
+calibration.prevalence), decision (pneumonia when probability >= threshold,
 else normal), threshold, error. A file that cannot be read gets a row with
 only `error` filled and one line on stderr; the others are still predicted,
 and the exit status is 1. --gradcam DIR writes one image + Grad-CAM overlay
@@ -36,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
-from scipy.special import expit
 
 from pneumonia import params as params_lib
 from pneumonia.data import resize_images
@@ -230,7 +230,9 @@ def read_preprocessing(model_path: Path, params_path: Path) -> tuple[int, str]:
 
 
 def read_operating_point(path: Path) -> tuple[float, float, float]:
-    """(threshold, scale, offset) that the evaluate stage chose on validation: p = sigmoid(scale * logit + offset).
+    """(threshold, scale, offset) that the evaluate stage chose on validation: p = metrics.calibrate(logit, scale, offset).
+
+    The offset already holds the shift to evaluate.prevalence, so nothing else in metrics.json changes p.
 
     A metrics.json from before platt calibration has only a temperature T: scale 1/T, offset 0.
     """
@@ -295,8 +297,9 @@ def main(argv=None) -> int:
         source_size, interpolation = read_preprocessing(args.model, args.params)
         interpolation = args.interpolation or interpolation
         threshold, scale, offset = read_operating_point(args.metrics)
-        # Keras starts TensorFlow (seconds), so it is imported only once the cheap checks have passed.
-        from pneumonia import gradcam, plots
+        # Keras starts TensorFlow (seconds), and scikit-learn (metrics) takes a second, so they are imported only
+        # once the cheap checks have passed.
+        from pneumonia import gradcam, metrics, plots
         from pneumonia import model as model_lib
 
         net = model_lib.load(args.model)
@@ -317,7 +320,7 @@ def main(argv=None) -> int:
     if good:
         images = preprocess(np.stack([e.pixels for _, e in good]), net.input_shape[1], interpolation)
         logits = logit_net.predict(images, batch_size=32, verbose=0).reshape(-1).astype("float64")
-        for (_, entry), probability in zip(good, expit(scale * logits + offset)):
+        for (_, entry), probability in zip(good, metrics.calibrate(logits, scale, offset)):
             entry.probability = float(probability)  # printed exactly, so the decision follows from what is shown
         if args.gradcam:
             for (row, entry), image, heatmap in zip(good, images, gradcam.heatmaps(net, images)):

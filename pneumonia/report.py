@@ -7,12 +7,13 @@ With no names: every experiment of the current commit that has metrics, as `dvc 
 them. With two or more, the ensemble is scored the way a single run is: the mean calibrated probability
 across the experiments (each one's metrics/predictions.csv, read from its git ref), the threshold chosen
 on the ensemble's validation scores with the experiments' own threshold rule, and the same test metrics
-with stratified bootstrap CIs.
+with bootstrap CIs that resample validation and test together (the threshold re-chosen in each replicate).
 
 --calibration adds, for every calibration method (evaluate.calibration), each refitted on each experiment's
-validation logits (recovered from its raw probabilities): the 5-fold cross-validated NLL on validation, which
-is how the default is chosen, and on test the NLL, expected calibration error and Brier score, as means over
-the experiments. Test is reported, never used to choose.
+validation logits (recovered from its raw probabilities) and moved to the first experiment's
+evaluate.prevalence: the 5-fold cross-validated NLL on validation, which is how the default is chosen,
+and on test the NLL, expected calibration error and Brier score, as means over the experiments. Test is
+reported, never used to choose.
 """
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ def predictions_at(rev: str) -> pd.DataFrame:
 
 def ensemble(tables: dict[str, pd.DataFrame], evaluate_params: dict, seed: int) -> dict:
     """The ensemble's test metrics: mean calibrated probability, threshold chosen on its validation scores."""
+    from scipy.special import logit
+
     from pneumonia import metrics
 
     first = next(iter(tables.values()))
@@ -81,18 +84,22 @@ def ensemble(tables: dict[str, pd.DataFrame], evaluate_params: dict, seed: int) 
     mean = np.mean([t["calibrated_probability"].to_numpy() for t in tables.values()], axis=0)
     val, test = (first["split"] == "val").to_numpy(), (first["split"] == "test").to_numpy()
     labels = first["label"].to_numpy()
-    rule = evaluate_params["threshold"]
-    threshold = metrics.choose_threshold(labels[val], mean[val], rule["strategy"], rule["target_sensitivity"],
-                                         rule["value"])
+    rule = {key: evaluate_params["threshold"][key] for key in ("strategy", "target_sensitivity", "value")}
+    threshold = metrics.choose_threshold(labels[val], mean[val], **rule)
     result = metrics.binary_metrics(labels[test], mean[test], threshold)
+    result |= metrics.predictive_values(result)
     if evaluate_params["bootstrap"]["samples"]:
-        result |= metrics.bootstrap_ci(labels[test], mean[test], threshold, evaluate_params["bootstrap"]["samples"], seed)
+        # The members' calibrations stay as fitted (the mean is the score); the threshold is re-chosen per replicate.
+        scores = logit(mean)  # calibrate() with none gives the mean back (to an ulp)
+        result |= metrics.bootstrap_ci((labels[val], scores[val]), (labels[test], scores[test]),
+                                       evaluate_params["bootstrap"]["samples"], seed, **rule)
     return result
 
 
-def compare_calibrations(tables: dict[str, pd.DataFrame], seed: int) -> pd.DataFrame:
-    """Method -> mean over experiments of its CV NLL on validation and its test NLL, ECE and Brier score."""
-    from scipy.special import expit, logit
+def compare_calibrations(tables: dict[str, pd.DataFrame], seed: int, prevalence="validation") -> pd.DataFrame:
+    """Method -> mean over experiments of its CV NLL on validation and its test NLL, ECE and Brier score; each
+    fit moved to `prevalence` (evaluate.prevalence) as evaluate moves it."""
+    from scipy.special import logit
     from sklearn import metrics as skm
 
     from pneumonia import metrics
@@ -105,7 +112,7 @@ def compare_calibrations(tables: dict[str, pd.DataFrame], seed: int) -> pd.DataF
         y_val, y_test = val["label"].to_numpy(), test["label"].to_numpy()
         for method in metrics.CALIBRATIONS:
             scale, offset = metrics.fit_calibration(method, y_val, val_logits)
-            probs = expit(scale * test_logits + offset)
+            probs = metrics.calibrate(test_logits, scale, offset + metrics.prevalence_shift(prevalence, y_val))
             rows.append({"method": method,
                          "cv_nll_val": metrics.cross_validated_nll(method, y_val, val_logits, seed=seed),
                          "nll_test": skm.log_loss(y_test, np.clip(probs, 1e-12, 1 - 1e-12), labels=[0, 1]),
@@ -153,7 +160,9 @@ def score_ensemble(shown: list, used: list[str], calibration: bool = False) -> t
     """
     revs = revisions(shown)
     tables = {n: predictions_at(revs[n][0]) for n in used} if len(used) > 1 or calibration else {}
-    compared = compare_calibrations(tables, revs[used[0]][1].get("seed", 0)) if calibration else None
+    first = revs[used[0]][1]
+    prevalence = (first.get("evaluate") or {}).get("prevalence", "validation")
+    compared = compare_calibrations(tables, first.get("seed", 0), prevalence) if calibration else None
     if len(used) < 2:
         return None, compared
     rules = {json.dumps(revs[n][1].get("evaluate"), sort_keys=True) for n in used}

@@ -1,6 +1,7 @@
-"""metrics/predictions.csv: written and read back with pandas, probabilities bit for bit."""
+"""The evaluate stage without a model: metrics.json, predictions.csv (probabilities bit for bit) and the model card."""
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -42,8 +43,6 @@ def test_any_probabilities_survive_the_round_trip(tmp_path_factory, val, test):
 
 
 def test_a_broken_predictions_csv_is_one_clear_error(tmp_path):
-    import pytest
-
     from pneumonia.errors import PipelineError
 
     path = tmp_path / "predictions.csv"
@@ -54,3 +53,73 @@ def test_a_broken_predictions_csv_is_one_clear_error(tmp_path):
             evaluate.read_predictions(path, "test")
     with pytest.raises(PipelineError, match="cannot read"):
         evaluate.read_predictions(tmp_path / "missing.csv", "test")
+
+
+def _run_evaluate(tmp_path, **evaluate_params):
+    """evaluate.evaluate on synthetic logits (no model): over-confident, validation 74% pneumonia, test 62.5%."""
+    from pneumonia import params as params_lib
+
+    rng = np.random.default_rng(0)
+    labels = {"val": (rng.random(524) < 0.74).astype(int), "test": np.repeat([0, 1], [234, 390])}
+    logits = {s: 4.0 * (2 * y - 1) + rng.normal(0, 3.0, len(y)) + 1.0 for s, y in labels.items()}
+    params = params_lib.for_stage(params_lib.from_dict({"evaluate": evaluate_params}), "evaluate")
+    result = evaluate.evaluate((None, labels["val"]), (None, labels["test"]), logits["val"], logits["test"], params,
+                               tmp_path / "metrics.json", tmp_path / "predictions.csv", tmp_path / "plots")
+    return result, labels, logits, params
+
+
+def test_evaluate_calibrates_for_the_stated_prevalence_and_predict_applies_the_same(tmp_path):
+    import json
+
+    from pneumonia import metrics, predict
+
+    result, labels, logits, _ = _run_evaluate(tmp_path, prevalence=0.2, bootstrap={"samples": 40})
+    cal = result["calibration"]
+    scale, fitted = metrics.fit_calibration("platt", labels["val"], logits["val"])
+    share = labels["val"].mean()
+    assert cal["prevalence"] == 0.2 and cal["scale"] == scale
+    assert cal["prevalence_shift"] == pytest.approx(np.log(0.2 / 0.8) - np.log(share / (1 - share)), abs=1e-12)
+    assert cal["offset"] == fitted + cal["prevalence_shift"]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == result
+    # predictions.csv holds the probabilities for 20%; predict reads back the scale and offset that give them.
+    threshold, p_scale, p_offset = predict.read_operating_point(tmp_path / "metrics.json")
+    for split in ("val", "test"):
+        _, calibrated = evaluate.read_predictions(tmp_path / "predictions.csv", split)
+        assert calibrated.tolist() == metrics.calibrate(logits[split], p_scale, p_offset).tolist()
+    assert threshold == result["test"]["threshold"] and result["val"]["recall"] >= 0.95
+    test = result["test"]
+    assert test["ppv_at_prevalence"] == metrics.predictive_values(test)["ppv_at_prevalence"]
+    assert set(test["npv_at_prevalence"]) == {"5pct", "20pct", "50pct"}
+    assert {f"{m}_ci" for m in metrics.CI_METRICS} <= set(test)
+
+    unshifted, *_ = _run_evaluate(tmp_path / "validation", bootstrap={"samples": 0})
+    assert unshifted["calibration"]["prevalence"] == round(share, 4) and unshifted["calibration"]["prevalence_shift"] == 0
+    assert unshifted["calibration"]["offset"] == fitted and "recall_ci" not in unshifted["test"]
+    # A monotone shift moves the threshold with the scores: the same images are flagged.
+    assert {k: unshifted["test"][k] for k in ("tp", "fp")} == {k: test[k] for k in ("tp", "fp")}
+
+
+def test_model_card_states_the_prevalence_and_the_predictive_values(tmp_path):
+    import json
+
+    from conftest import ROOT
+    from pneumonia import card
+
+    record = json.loads((ROOT / "results/reference/scratch-64px-recipe/seed-42/model.json").read_text())
+    provenance = {"source": "local", "path": "x.npz", "md5": "0" * 32,
+                  "class_counts": {"test": {"normal": 234, "pneumonia": 390}}}
+    result, _, _, params = _run_evaluate(tmp_path, prevalence=0.2, calibration="temperature", bootstrap={"samples": 20})
+    text = card.render(result, params, record, provenance)
+    test, cal = result["test"], result["calibration"]
+    ppv, npv = test["ppv_at_prevalence"], test["npv_at_prevalence"]
+    for key, shown in (("5pct", "5%"), ("20pct", "20%"), ("50pct", "50%")):
+        assert f"| {shown} | {100 * ppv[key]:.1f}% | {100 * npv[key]:.1f}% |" in text
+    assert "The test split is 62.5% pneumonia" in text
+    assert "The probabilities are for a population with 20.0% pneumonia (evaluate.prevalence)" in text
+    assert f"= {cal['prevalence_shift']:.4g}, so p = sigmoid({cal['scale']:.4g} * logit - {-cal['offset']:.4g})" in text
+    assert "resamples of validation and test together" in text and "re-chooses the threshold" in text
+
+    result, _, _, params = _run_evaluate(tmp_path / "platt", bootstrap={"samples": 0})
+    text = card.render(result, params, record, provenance)
+    assert f"Platt scaling fitted on validation logits: sigmoid({result['calibration']['scale']:.4g} * logit" in text
+    assert "The probabilities are for validation's share of pneumonia" in text and "No bootstrap intervals" in text

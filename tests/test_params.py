@@ -37,6 +37,10 @@ def test_dvc_exponent_style_reads_as_float(tmp_path):
         ("train_head:\n  epochz: 3", "train_head.epochz"),
         ("evaluate:\n  threshold:\n    strategy: best", "evaluate.threshold.strategy"),
         ("model: 3", "model"),
+        ("evaluate:\n  prevalence: 1.0", "evaluate.prevalence"),
+        ("evaluate:\n  prevalence: 0", "evaluate.prevalence"),
+        ("evaluate:\n  prevalence: training", "evaluate.prevalence"),
+        ("evaluate:\n  prevalence: true", "evaluate.prevalence"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, text, key):
@@ -133,3 +137,12 @@ def test_schedule_keep_and_skipping_phase_1():
         params_lib.from_dict({"fine_tune": {"schedule": "cosine", "warmup_epochs": 10}})
     with pytest.raises(PipelineError, match="train_head.keep"):
         params_lib.from_dict({"train_head": {"keep": "best"}})
+
+
+def test_prevalence_is_a_share_or_validation():
+    assert params_lib.Params().evaluate.prevalence == "validation"  # no shift unless a population is stated
+    for value in (0.05, 0.5, 0.999, "validation"):
+        assert params_lib.from_dict({"evaluate": {"prevalence": value}}).evaluate.prevalence == value
+    with pytest.raises(PipelineError, match=r"^params: evaluate.prevalence is 'train'; it must be a share of pneumonia "
+                                            r"in \(0, 1\), or validation"):
+        params_lib.from_dict({"evaluate": {"prevalence": "train"}})

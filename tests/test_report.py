@@ -102,6 +102,8 @@ def test_ensemble_scores_the_mean_probability_like_a_single_run():
     assert result["roc_auc"] == round(skm.roc_auc_score(labels[100:], mean[100:]), 4)
     assert result["tp"] == int(((mean[100:] >= threshold) & (labels[100:] == 1)).sum())
     assert result["roc_auc_ci"][0] <= result["roc_auc"] <= result["roc_auc_ci"][1]
+    assert result["recall_ci"][0] <= result["recall"] <= result["recall_ci"][1]
+    assert result["ppv_at_prevalence"] == metrics.predictive_values(result)["ppv_at_prevalence"]
     single = [skm.roc_auc_score(labels[100:], t["calibrated_probability"][100:]) for t in tables.values()]
     assert result["roc_auc"] > max(single)  # independent noise averages out
     other = _predictions(4)
@@ -166,6 +168,17 @@ def test_calibration_methods_are_compared_refitted_on_validation_only(monkeypatc
                        for t in tables.values()])
     assert compared.loc["none", "ece_test"] == pytest.approx(raw_ece)
     assert compared.loc["temperature", "cv_nll_val"] < compared.loc["none", "cv_nll_val"]  # over-confident: T helps
+    # At a stated prevalence each fit is moved as evaluate moves it; the validation comparison does not change.
+    at_half = report.compare_calibrations(tables, seed=1, prevalence=0.5)
+    shifted = []
+    for table in tables.values():
+        val, test = table[table["split"] == "val"], table[table["split"] == "test"]
+        scale, offset = metrics.fit_calibration("platt", val["label"], logit(val["probability"]))
+        offset += metrics.prevalence_shift(0.5, val["label"].to_numpy())
+        shifted.append(skm.brier_score_loss(test["label"], metrics.calibrate(logit(test["probability"]), scale, offset)))
+    assert at_half.loc["platt", "brier_test"] == pytest.approx(np.mean(shifted))
+    assert at_half.loc["platt", "brier_test"] != pytest.approx(compared.loc["platt", "brier_test"])
+    assert at_half["cv_nll_val"].tolist() == compared["cv_nll_val"].tolist()
 
     monkeypatch.setattr(report, "exp_show", lambda: SHOWN)
     monkeypatch.setattr(report, "predictions_at", lambda rev: _logit_predictions(int(rev[5])))
@@ -173,3 +186,12 @@ def test_calibration_methods_are_compared_refitted_on_validation_only(monkeypatc
     out = capsys.readouterr().out
     assert "calibration methods, refitted on each experiment's validation logits" in out
     assert [line.split()[0] for line in out.splitlines()[-3:]] == list(metrics.CALIBRATIONS)
+
+
+def test_calibration_comparison_uses_the_experiments_stated_prevalence(monkeypatch):
+    stated = _rev("seed-1", _metrics(0.9, 0.8, 0.3))
+    stated["revs"][0]["data"]["params"]["params.yaml"]["data"]["evaluate"] = EVALUATE | {"prevalence": 0.5}
+    monkeypatch.setattr(report, "predictions_at", lambda rev: _logit_predictions(int(rev[5])))
+    _, compared = report.score_ensemble([WORKSPACE, {**SHOWN[1], "experiments": [stated]}], ["seed-1"], calibration=True)
+    expected = report.compare_calibrations({"seed-1": _logit_predictions(1)}, seed=1, prevalence=0.5)
+    pd.testing.assert_frame_equal(compared, expected)
