@@ -2,6 +2,8 @@
 # make test  - set up .venv with test deps, then run the tests
 # make exps  - the experiments table, fitted to the terminal: name, changed params, test AUC, sensitivity, specificity, F1
 # make plots - write dvc_plots/index.html (or PLOTS_DIR=dir), a plots page that opens with no network
+# make export - models/serving (or EXPORT_DIR=dir): the trained model as a TensorFlow SavedModel taking uint8 pixels,
+#              with metrics/metrics.json's calibration and threshold built in (pneumonia/export.py)
 # make bench - time the project's training against plain fit and the compute floor (BENCH_ARGS="--epochs 2" to shrink;
 #              BENCH_ARGS=--full-data: peak memory of the real stages on the whole dataset)
 # make gpu-check - on a CUDA machine: the whole pipeline at 224 px from scratch, offline, in a temporary copy, against
@@ -16,6 +18,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 TF_VERSION := 2.21.0
 MEDMNIST_VERSION := 3.0.2
 PLOTS_DIR ?= dvc_plots
+EXPORT_DIR ?= models/serving
 BENCH_ARGS ?=
 GPU_PYTHON ?= python3
 GPU_CHECK_ARGS ?=
@@ -24,7 +27,7 @@ GPU_WHEELS_SKIP ?= numpy scipy
 # The README's `dvc exp show` command ($$ is how make writes $).
 EXP_SHOW := dvc exp show --no-pager --only-changed --drop '.*/|Created|test|val\.|calibration' --keep 'test\.(roc_auc|recall|specificity|f1)$$'
 
-.PHONY: run test exps plots bench gpu-check gpu-wheels setup clean-venv
+.PHONY: run test exps plots export bench gpu-check gpu-wheels setup clean-venv
 
 $(VENV)/.runtime: requirements.txt Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed (set PYTHON=python3.x)")'
@@ -56,6 +59,9 @@ exps: $(VENV)/.runtime
 
 plots: $(VENV)/.runtime
 	$(BIN)/python -m pneumonia.plots_page $(PLOTS_DIR)
+
+export: $(VENV)/.runtime
+	$(BIN)/python -m pneumonia.export --output $(EXPORT_DIR)
 
 bench: $(VENV)/.runtime
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
