@@ -91,6 +91,7 @@ def main():
 
     summary, weights, stdout = {"backend": keras.backend.backend(), "replicas": runtime.replicas}, {}, io.StringIO()
     for index, path in enumerate(args.paths.split(",")):
+        keras.backend.clear_session()  # layer names, and so variable paths, as in a fresh stage process
         keras.utils.set_random_seed(100 + index)  # each path starts as in a fresh run, in both processes
         with runtime.scope():
             net = model_lib.build(SIZE, "none", dropout=0.2)
@@ -117,7 +118,10 @@ def main():
         finally:
             keras.Model.fit = original_fit
         train.save(net, f"{path}.keras")
+        policy = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("float32")  # as evaluate and predict load it, in a process of their own
         saved = model_lib.load(f"{path}.keras")
+        keras.config.set_dtype_policy(policy)
         logits = keras.ops.convert_to_numpy(model_lib.logits_model(saved).predict(x[:4], verbose=0))
         weights |= {f"{path}/{i}": w for i, w in enumerate(net.get_weights())}
         summary[path] = {
