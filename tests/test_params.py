@@ -146,3 +146,47 @@ def test_prevalence_is_a_share_or_validation():
     with pytest.raises(PipelineError, match=r"^params: evaluate.prevalence is 'train'; it must be a share of pneumonia "
                                             r"in \(0, 1\), or validation"):
         params_lib.from_dict({"evaluate": {"prevalence": "train"}})
+
+
+def _documented_switches():
+    """(dotted key, value as a user types it after -S, the value the schema must read) for every choice param
+    (each Literal's every choice) and every boolean."""
+    import dataclasses
+    import typing
+
+    from pneumonia import params as params_lib
+
+    def walk(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint, key = hints[f.name], prefix + f.name
+            if dataclasses.is_dataclass(hint):
+                yield from walk(hint, key + ".")
+            elif typing.get_origin(hint) is typing.Literal:
+                for choice in typing.get_args(hint):
+                    yield key, str(choice), choice
+            elif hint is bool:
+                yield from ((key, "true", True), (key, "false", False))
+
+    return list(walk(params_lib.Params))
+
+
+def test_every_documented_switch_reads_as_typed_after_dvc_writes_it(tmp_path):
+    """`dvc exp run -S key=value` rewrites params.yaml through DVC's own override code (YAML 1.2, so `off` and
+    `on` stay plain words); the loader must read each back as the user typed it (YAML 1.1 made them booleans)."""
+    import shutil
+
+    from dvc.utils.hydra import apply_overrides
+
+    from pneumonia import params as params_lib
+
+    switches = _documented_switches()
+    assert ("compute.mixed_precision", "off", "off") in switches and ("augment.enabled", "true", True) in switches
+    for key, typed, expected in switches:
+        path = tmp_path / "params.yaml"
+        shutil.copy(ROOT / "params.yaml", path)
+        apply_overrides(path, [f"{key}={typed}"])  # what `dvc exp run -S` calls
+        value = params_lib.load(path)
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert value == expected, (key, typed, path.read_text())
