@@ -1,5 +1,6 @@
 # make run   - set up .venv, then run the pipeline (dvc repro)
 # make test  - set up .venv with test deps, then run the tests
+# make test-fast - the unit tests only, for the edit loop (no DVC pipeline runs, no training processes)
 # make exps  - the experiments table, fitted to the terminal: name, changed params, test AUC, sensitivity, specificity, F1
 # make plots - write dvc_plots/index.html (or PLOTS_DIR=dir), a plots page that opens with no network
 # make export - models/serving (or EXPORT_DIR=dir): the trained model as a TensorFlow SavedModel taking uint8 pixels,
@@ -27,7 +28,7 @@ GPU_WHEELS_SKIP ?= numpy scipy
 # The README's `dvc exp show` command ($$ is how make writes $).
 EXP_SHOW := dvc exp show --no-pager --only-changed --drop '.*/|Created|test|val\.|calibration' --keep 'test\.(roc_auc|recall|specificity|f1)$$'
 
-.PHONY: run test exps plots export bench gpu-check gpu-wheels setup clean-venv
+.PHONY: run test test-fast exps plots export bench gpu-check gpu-wheels setup clean-venv
 
 $(VENV)/.runtime: requirements.txt Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed (set PYTHON=python3.x)")'
@@ -53,6 +54,9 @@ run: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest
+
+test-fast: $(VENV)/.dev
+	$(BIN)/python -m pytest -m "not slow"
 
 exps: $(VENV)/.runtime
 	$(BIN)/$(EXP_SHOW)

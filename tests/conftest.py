@@ -112,3 +112,15 @@ def trained_repo(tmp_path, trained_template) -> Repo:
     repo = Repo(tmp_path / "project")
     repo.repro_output, repo.repro_errors = trained_template.repro_output, trained_template.repro_errors
     return repo
+
+
+# `make test-fast` (pytest -m "not slow") leaves out what runs the real pipeline or trains ResNet-50 in its own
+# process: tests that use a DVC project fixture, and these modules.
+SLOW_FIXTURES = {"repo", "trained_repo", "trained_template"}
+SLOW_MODULES = {"test_backends", "test_bench", "test_gpu_check"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
