@@ -30,8 +30,14 @@ def synthetic_npz(tmp_path_factory) -> Path:
     return synthetic.write(tmp_path_factory.mktemp("data") / "synthetic.npz")
 
 
+@pytest.fixture(scope="session")
+def pipeline_npz(tmp_path_factory) -> Path:
+    """The smaller synthetic file the DVC projects run on (their subprocesses expect its split sizes)."""
+    return synthetic.write(tmp_path_factory.mktemp("data") / "pipeline.npz", sizes=synthetic.PIPELINE_SIZES)
+
+
 def tool_env(tmp: Path) -> dict:
-    env = dict(os.environ)
+    env = synthetic.small_splits_env()
     env.update(
         PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
         DVC_NO_ANALYTICS="1",
@@ -90,14 +96,14 @@ def make_repo(tmp: Path, source: Path, extra: dict | None = None) -> Repo:
 
 
 @pytest.fixture
-def repo(tmp_path, synthetic_npz) -> Repo:
-    return make_repo(tmp_path, synthetic_npz)
+def repo(tmp_path, pipeline_npz) -> Repo:
+    return make_repo(tmp_path, pipeline_npz)
 
 
 @pytest.fixture(scope="session")
-def trained_template(tmp_path_factory, synthetic_npz) -> Repo:
+def trained_template(tmp_path_factory, pipeline_npz) -> Repo:
     """One tiny `dvc repro`, committed with its dvc.lock, for every test that needs a trained project."""
-    repo = make_repo(tmp_path_factory.mktemp("trained"), synthetic_npz)
+    repo = make_repo(tmp_path_factory.mktemp("trained"), pipeline_npz)
     proc = repo.dvc("repro")
     repo.repro_output, repo.repro_errors = proc.stdout, proc.stderr
     repo.git("add", "-A")

@@ -74,21 +74,22 @@ def test_bench_runs_and_writes_every_field(tmp_path):
 
 
 def test_full_data_mode_measures_each_real_stage_and_keeps_the_timing_results(tmp_path):
-    npz = synthetic.write(tmp_path / "synthetic.npz")
+    npz = synthetic.write(tmp_path / "synthetic.npz", sizes=synthetic.PIPELINE_SIZES)  # "all" the images of this file
     out = tmp_path / "results.json"
     out.write_text(json.dumps({"phases": {"phase1": "from an earlier timing run"}}))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench.py"), "--full-data", "--data", str(npz), "--out", str(out),
          "--image-size", "32", "--epochs", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+        cwd=ROOT, capture_output=True, text=True, timeout=1800, env=synthetic.small_splits_env(),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "MEASURED, the real stages on all 4708 train + 524 val images at 32 px" in proc.stdout
+    n_train, n_val = synthetic.PIPELINE_SIZES["train"], synthetic.PIPELINE_SIZES["val"]
+    assert f"MEASURED, the real stages on all {n_train} train + {n_val} val images at 32 px" in proc.stdout
 
     results = json.loads(out.read_text())
     assert results["phases"] == {"phase1": "from an earlier timing run"}  # the other mode's entry is kept
     full = results["full_data"]
-    assert (full["config"]["train_images"], full["config"]["val_images"], full["config"]["image_size"]) == (4708, 524, 32)
+    assert (full["config"]["train_images"], full["config"]["val_images"], full["config"]["image_size"]) == (n_train, n_val, 32)
     assert list(full["stages"]) == ["download", "resize", "train_head", "fine_tune"]
     for stage in full["stages"].values():
         assert _positive(stage["wall_s"]) and _positive(stage["peak_rss_mib"])

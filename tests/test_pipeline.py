@@ -21,6 +21,7 @@ METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc"
 
 # TensorFlow's C++ start-up chatter, which stages must not print (pneumonia/__init__.py).
 CHATTER = ("absl::InitializeLog", "oneDNN custom operations", "cudart_stub", "cuInit")
+SIZES = synthetic.PIPELINE_SIZES  # the split sizes of the tiny projects' data
 PROGRESS = re.compile(r"^  ([\w+ -]+): (\d+)/(\d+) (\w+)$")  # pneumonia.progress's lines off a terminal
 
 
@@ -38,7 +39,7 @@ def test_repro_experiments_metrics_and_plots(trained_repo):
     p = repo.path
     metrics = json.loads((p / "metrics/metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics["test"]) and METRIC_KEYS <= set(metrics["test_at_0.5"])
-    assert metrics["test"]["tp"] + metrics["test"]["fn"] + metrics["test"]["tn"] + metrics["test"]["fp"] == 624
+    assert metrics["test"]["tp"] + metrics["test"]["fn"] + metrics["test"]["tn"] + metrics["test"]["fp"] == SIZES["test"]
     assert metrics["test"]["roc_auc"] > 0.7  # the synthetic signal is easy
     low, high = metrics["test"]["recall_ci"]
     assert low <= metrics["test"]["recall"] <= high
@@ -47,7 +48,7 @@ def test_repro_experiments_metrics_and_plots(trained_repo):
     assert metrics["calibration"]["method"] == "platt" and metrics["calibration"]["temperature"] is None
     assert set(metrics["calibration"]["cv_nll"]) == {"none", "temperature", "platt"}
     predictions = (p / "metrics/predictions.csv").read_text().splitlines()
-    assert predictions[0] == "split,index,label,probability,calibrated_probability" and len(predictions) == 1 + 524 + 624
+    assert predictions[0] == "split,index,label,probability,calibrated_probability" and len(predictions) == 1 + SIZES["val"] + SIZES["test"]
     for png in ("figures/roc.png", "figures/confusion_matrix.png", "figures/precision_recall.png", "figures/reliability.png",
                 "errors/false_negatives.png", "errors/false_positives.png", "errors/random_samples.png",
                 "errors/gradcam_summary.png"):
@@ -136,9 +137,11 @@ def _quiet_with_progress(repo):
     for line in errors.splitlines():
         if m := PROGRESS.match(line):
             progress.setdefault(m[1], []).append((int(m[2]), int(m[3]), m[4]))
-    # Train and validation images (4708 + 524) through the frozen prefix, once in each training stage.
-    assert progress["caching train+val activations"][-1] == (5232, 5232, "images")
-    assert progress["predicting val"][-1] == (524, 524, "images") and progress["predicting test"][-1] == (624, 624, "images")
+    # Train and validation images through the frozen prefix, once in each training stage.
+    both = SIZES["train"] + SIZES["val"]
+    assert progress["caching train+val activations"][-1] == (both, both, "images")
+    assert progress["predicting val"][-1] == (SIZES["val"], SIZES["val"], "images")
+    assert progress["predicting test"][-1] == (SIZES["test"], SIZES["test"], "images")
     assert progress["bootstrap"][-1] == (50, 50, "resamples")
     assert progress["Grad-CAM"][-1][0] == progress["Grad-CAM"][-1][1] > 0
     for label, lines in progress.items():
@@ -251,7 +254,7 @@ def test_bad_input_stops_with_one_line_and_no_output(repo):
 def test_native_resolution_file_is_kept_as_is_and_a_size_mismatch_is_one_line(repo):
     """data.size 64 with MedMNIST+'s layout at 64 px, through dvc repro: resize keeps the pixels when image_size is
     64, and the same file under data.size 28 stops with one line naming both sizes, the data in place untouched."""
-    npz64 = synthetic.write(repo.path.parent / "pneumoniamnist_64.npz", size=64)
+    npz64 = synthetic.write(repo.path.parent / "pneumoniamnist_64.npz", size=64, sizes=synthetic.PIPELINE_SIZES)
     repo.set_params({"data": {"source": str(npz64), "size": 64}, "image_size": 64})
     proc = repo.dvc("repro", "resize")
     assert "64x64 -> 64x64 (kept, already at image_size)" in proc.stdout

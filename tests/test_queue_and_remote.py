@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+import synthetic
 from conftest import Repo
 
 QUEUE_DEADLINE_S = 900
@@ -53,7 +54,7 @@ def test_queued_sweep_runs_every_value(trained_repo):
     losses = set()
     for exp in by_lr.values():
         test = exp["metrics"]["metrics/metrics.json"]["data"]["test"]
-        assert 0 <= test["roc_auc"] <= 1 and test["tp"] + test["fn"] + test["tn"] + test["fp"] == 624
+        assert 0 <= test["roc_auc"] <= 1 and test["tp"] + test["fn"] + test["tn"] + test["fp"] == synthetic.PIPELINE_SIZES["test"]
         losses.add(test["loss"])
     assert len(losses) == 2  # a 100x different head lr trains a different model (AUC alone saturates here)
     assert "lr: 0.0001" in (baseline.path / "params.yaml").read_text()  # the workspace is untouched

@@ -43,7 +43,7 @@ def test_editing_a_module_marks_exactly_the_stages_that_import_it(trained_repo):
     assert {s for s in STAGES if "pneumonia/metrics.py" in codedeps.stage_code(s)} == {"evaluate", "error_analysis"}
 
 
-def test_a_local_data_file_is_tracked_by_content(trained_repo, synthetic_npz):
+def test_a_local_data_file_is_tracked_by_content(trained_repo):
     repo = trained_repo
     source = params_lib.load(repo.path / "params.yaml").data.source
     raw = repo.path / "data/raw/pneumoniamnist.npz"
@@ -60,7 +60,7 @@ def test_a_local_data_file_is_tracked_by_content(trained_repo, synthetic_npz):
 
     # New content at the same path: data/raw is rewritten, so resize and everything after it are stale.
     try:
-        synthetic.write(source, seed=1)
+        synthetic.write(source, seed=1, sizes=synthetic.PIPELINE_SIZES)
         out = repo.dvc("repro", "download").stdout
         assert _ran(out) == {"download"}
         assert raw.read_bytes() != content and data.md5sum(raw) == data.md5sum(source)
