@@ -4,6 +4,9 @@
 # make test  - set up .venv with test deps, then run the tests
 # make test-fast - the unit tests only, for the edit loop (no DVC pipeline runs, no training processes)
 # make exps  - the experiments table, fitted to the terminal: name, changed params, test AUC, sensitivity, specificity, F1
+# make ensemble EXPS="seed-1 seed-2 seed-3" - mean ± std of their test metrics, their ensemble and the calibration
+#              methods compared (python -m pneumonia.report --calibration); the experiments must differ only by seed.
+#              No EXPS: every experiment of the commit. On stdout: make -s ensemble EXPS=... > report.txt keeps it
 # make plots - write dvc_plots/index.html (or PLOTS_DIR=dir), a plots page that opens with no network
 # make export - models/serving (or EXPORT_DIR=dir): the trained model as a TensorFlow SavedModel taking uint8 pixels,
 #              with metrics/metrics.json's calibration and threshold built in (pneumonia/export.py)
@@ -22,6 +25,7 @@ TF_VERSION := 2.21.0
 MEDMNIST_VERSION := 3.0.2
 PLOTS_DIR ?= dvc_plots
 QUICK_ARGS ?=
+EXPS ?=
 EXPORT_DIR ?= models/serving
 BENCH_ARGS ?=
 GPU_PYTHON ?= python3
@@ -31,7 +35,7 @@ GPU_WHEELS_SKIP ?= numpy scipy
 # The README's `dvc exp show` command ($$ is how make writes $).
 EXP_SHOW := dvc exp show --no-pager --only-changed --drop '.*/|Created|test|val\.|calibration' --keep 'test\.(roc_auc|recall|specificity|f1)$$'
 
-.PHONY: run quick test test-fast exps plots export bench gpu-check gpu-wheels setup clean-venv
+.PHONY: run quick test test-fast exps ensemble plots export bench gpu-check gpu-wheels setup clean-venv
 
 $(VENV)/.runtime: requirements.txt Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed (set PYTHON=python3.x)")'
@@ -67,6 +71,9 @@ test-fast: $(VENV)/.dev
 
 exps: $(VENV)/.runtime
 	$(BIN)/$(EXP_SHOW)
+
+ensemble: $(VENV)/.runtime
+	$(BIN)/python -m pneumonia.report --calibration $(EXPS)
 
 plots: $(VENV)/.runtime
 	$(BIN)/python -m pneumonia.plots_page $(PLOTS_DIR)

@@ -7,8 +7,12 @@ Two routes, chosen by what is frozen (pneumonia.train):
   layers do not support jit, and inside the model would switch it off for the whole step);
 - a frozen prefix: `view` draws K fixed augmented copies of the training set, whose prefix activations are
   cached once; epoch e trains on copy e mod K.
+Test-time augmentation (evaluate.tta) scores validation and test images on fixed views drawn the same way
+(tta_views).
 """
 from __future__ import annotations
+
+import types
 
 import keras
 import numpy as np
@@ -59,3 +63,17 @@ def view(augment_layers: list, images: np.ndarray, seed: int, view_index: int, c
     the frozen prefix, chunk by chunk (a test's plain fit of the full model reads it from here)."""
     return np.concatenate([transform(augment_layers, images[start : start + chunk], seed, view_index, index)
                            for index, start in enumerate(range(0, len(images), chunk))])
+
+
+def tta_views(record: dict, images: np.ndarray):
+    """The views test-time augmentation `record` (metrics.json's tta) scores `images` on, one array each.
+
+    View 0 is the images themselves; view k one transformation drawn as `transform` draws it from (seed, k), the
+    same for every image (each is transformed alone), so an image's views do not depend on what it is scored
+    with: pneumonia.predict gets the views the evaluate stage used.
+    """
+    yield images
+    if record["views"] > 1:
+        augment_layers = layers(types.SimpleNamespace(**record), record["seed"])
+    for k in range(1, record["views"]):
+        yield np.concatenate([transform(augment_layers, image[None], record["seed"], k, 0) for image in images])

@@ -86,6 +86,18 @@ def _prevalence_text(cal: dict, val: dict) -> str:
             "judge these probabilities on another population. ")
 
 
+def _tta_text(tta: dict) -> str:
+    """How each validation and test image was scored (metrics.json's tta)."""
+    if tta["views"] == 1:
+        return "- Scoring: one logit per image, as it is (no test-time augmentation; evaluate.tta 1)."
+    return (f"- Scoring: test-time augmentation (evaluate.tta {tta['views']}): each validation and test logit is the mean "
+            f"over {tta['views']} views, the image and {tta['views'] - 1} fixed transformations drawn with the training "
+            f"augmentation's ranges (translation {tta['translate']:g}, rotation {tta['rotate']:g} turn, zoom "
+            f"{tta['zoom']:g}, contrast {tta['contrast']:g}; seed {tta['seed']}), the same for every image. The "
+            "calibration and threshold were chosen on these validation logits; pneumonia.predict scores new images "
+            "the same way.")
+
+
 def render(result: dict, params, record: dict, provenance: dict) -> str:
     """params: the evaluate stage's own; record: models/model.json; provenance: data/raw/provenance.json."""
     test, base, val, cal = result["test"], result["test_at_0.5"], result["val"], result["calibration"]
@@ -113,6 +125,7 @@ def render(result: dict, params, record: dict, provenance: dict) -> str:
         f"{head['trained']}.",
         f"- Phase 2 ({_schedule(fine['params']['fine_tune']['lr'], fine['params']['fine_tune'])}, kept epoch "
         f"{fine['best_epoch']}): {fine['trained']}.",
+        _tta_text(result["tta"]),
         "",
         "## Data",
         f"PneumoniaMNIST (MedMNIST v2, licence {provenance.get('license', 'CC BY 4.0')}), derived from Kermany et al. 2018 (Cell 172): "

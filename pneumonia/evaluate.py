@@ -13,17 +13,33 @@ from pneumonia.files import write_json, write_text
 from pneumonia.progress import progress
 
 
-def logits(model, images, batch_size: int, split: str) -> np.ndarray:
+def tta_record(params) -> dict:
+    """Test-time augmentation as metrics.json records it and pneumonia.predict applies it: the number of views,
+    and with more than one the seed and augment's ranges that draw them (augment.tta_views)."""
+    if params.evaluate.tta == 1:
+        return {"views": 1}
+    ranges = params.augment
+    return {"views": params.evaluate.tta, "seed": params.seed, "translate": ranges.translate, "rotate": ranges.rotate,
+            "zoom": ranges.zoom, "contrast": ranges.contrast}
+
+
+def logits(model, images, batch_size: int, split: str, tta: dict | None = None) -> np.ndarray:
+    """The model's logits of `images`; with test-time augmentation (`tta`: tta_record's), their mean over its views."""
     import keras
 
+    from pneumonia import augment
     from pneumonia.model import logits_model
 
-    with progress(len(images), f"predicting {split}") as report:
-        # Keras calls this after each batch, with the batch's index.
-        batch_done = keras.callbacks.LambdaCallback(
-            on_predict_batch_end=lambda batch, logs: report(min((batch + 1) * batch_size, len(images))))
-        out = logits_model(model).predict(images, batch_size=batch_size, verbose=0, callbacks=[batch_done])
-    return out.reshape(-1).astype("float64")
+    net, tta = logits_model(model), tta or {"views": 1}
+    out = []
+    for k, view in enumerate(augment.tta_views(tta, images)):
+        what = f"predicting {split}" + (f", view {k + 1} of {tta['views']}" if tta["views"] > 1 else "")
+        with progress(len(images), what) as report:
+            # Keras calls this after each batch, with the batch's index.
+            batch_done = keras.callbacks.LambdaCallback(
+                on_predict_batch_end=lambda batch, logs: report(min((batch + 1) * batch_size, len(images))))
+            out.append(net.predict(view, batch_size=batch_size, verbose=0, callbacks=[batch_done]).reshape(-1))
+    return np.mean(out, axis=0, dtype="float64")  # one view: its logits exactly
 
 
 def evaluate(val, test, val_logits, test_logits, params, metrics_path: Path, predictions_path: Path, plots_dir: Path) -> dict:
@@ -60,6 +76,7 @@ def evaluate(val, test, val_logits, test_logits, params, metrics_path: Path, pre
             "cv_nll": {m: round(metrics.cross_validated_nll(m, y_val, val_logits, seed=params.seed), 4)
                        for m in metrics.CALIBRATIONS},
         },
+        "tta": tta_record(params),  # the views each logit is a mean over; pneumonia.predict uses the same
     }
     write_json(metrics_path, result)
     write_predictions(predictions_path, {"val": y_val, "test": y_test}, raw, calibrated)

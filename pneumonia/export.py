@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from pneumonia.errors import PipelineError
-from pneumonia.predict import read_operating_point
+from pneumonia.predict import read_operating_point, read_tta
 
 SIGNATURE = "serve"
 
@@ -54,6 +54,9 @@ def _replace(tmp: Path, output: Path) -> None:
 def export(model_path: Path, metrics_path: Path, output: Path) -> int:
     """Write the SavedModel; returns the input size S."""
     threshold, scale, offset = read_operating_point(metrics_path)
+    if (views := read_tta(metrics_path)["views"]) > 1:  # the constants hold only for logits averaged over the views
+        raise PipelineError(f"export: {metrics_path} was scored with test-time augmentation ({views} views), which the "
+                            "SavedModel does not do; export a run with evaluate.tta 1 (dvc exp run -S evaluate.tta=1)")
     _check_output(output)
     # Keras starts TensorFlow (seconds), so it is imported only once the cheap checks have passed.
     import keras

@@ -112,9 +112,13 @@ def logits_model(model: keras.Model, source=None) -> keras.Model:
     return keras.Model(model.input, logit.output)
 
 
-def load(path) -> keras.Model:
-    """A saved model; safe_mode refuses anything that could run arbitrary code on load."""
+def load(path, for_training: bool = False) -> keras.Model:
+    """A saved model; safe_mode refuses anything that could run arbitrary code on load.
+
+    Saved in float32 (train.save); `for_training` rebuilds it under this process's precision policy.
+    """
     try:
-        return keras.saving.load_model(path, safe_mode=True, compile=False)
+        model = keras.saving.load_model(path, safe_mode=True, compile=False)
     except (OSError, ValueError) as exc:
         raise PipelineError(f"model: cannot load {path} ({str(exc).splitlines()[0]}); run dvc repro to train it") from None
+    return with_policy(model, keras.config.dtype_policy().name) if for_training else model

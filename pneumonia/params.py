@@ -116,6 +116,9 @@ class EvaluateParams:
     # that test set (choosing it would fit test); a number states the population the model is deployed to.
     prevalence: float | Literal["validation"] = "validation"
     bootstrap: BootstrapParams = field(default_factory=BootstrapParams)
+    # Test-time augmentation: each validation and test logit is the mean over this many views, the image and
+    # tta - 1 fixed transformations drawn with augment's ranges (pneumonia.augment.tta_views); 1: off.
+    tta: int = 1
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,7 @@ _RULES = {
     "evaluate.prevalence": (lambda v: v == "validation" or 0 < v < 1,
                             "a share of pneumonia in (0, 1), or validation (validation's own: no shift)"),
     "evaluate.bootstrap.samples": (lambda v: v >= 0, "at least 0 (0 turns confidence intervals off)"),
+    "evaluate.tta": (lambda v: 1 <= v <= 64, "between 1 and 64 (1: no test-time augmentation)"),
     "error_analysis.cases": (lambda v: 1 <= v <= 100, "between 1 and 100"),
 }
 
@@ -262,7 +266,9 @@ STAGE_PARAMS = {
     "train_head": ("seed", "lr", "batch_size", "model", "augment", "train_head",
                    "compute.mixed_precision", "compute.jit_compile", "compute.distribute"),
     "fine_tune": ("seed", "batch_size", "model.weights", "augment", "fine_tune", "compute"),
-    "evaluate": ("seed", "batch_size", "evaluate"),
+    # augment's ranges draw the test-time augmentation views (evaluate.tta).
+    "evaluate": ("seed", "batch_size", "augment.translate", "augment.rotate", "augment.zoom", "augment.contrast",
+                 "evaluate"),
     "error_analysis": ("seed", "error_analysis"),
 }
 

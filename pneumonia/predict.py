@@ -17,7 +17,8 @@ Then the training preprocessing: see to_source_resolution and preprocess.
 Output: CSV on stdout (or --output FILE; --json for JSON), one row per image:
 file, probability (calibrated as the evaluate stage did, with the scale and
 offset from metrics.json: for the share of pneumonia it records as
-calibration.prevalence), decision (pneumonia when probability >= threshold,
+calibration.prevalence; of the mean logit over the test-time augmentation
+views it records as tta), decision (pneumonia when probability >= threshold,
 else normal), threshold, error. A file that cannot be read gets a row with
 only `error` filled and one line on stderr; the others are still predicted,
 and the exit status is 1. --gradcam DIR writes one image + Grad-CAM overlay
@@ -46,6 +47,7 @@ from pneumonia.files import write_text
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
 FIELDS = ("file", "probability", "decision", "threshold", "error")
 INTERPOLATIONS = typing.get_args(typing.get_type_hints(params_lib.ResizeParams)["interpolation"])
+TTA_RANGES = ("translate", "rotate", "zoom", "contrast")  # augment's, drawing the test-time views
 
 
 class InputError(Exception):
@@ -229,6 +231,30 @@ def read_preprocessing(model_path: Path, params_path: Path) -> tuple[int, str]:
                             "or remove it to use --params") from None
 
 
+def _read_metrics(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise PipelineError(f"metrics: cannot read {path} ({exc.strerror}); run dvc repro or pass --metrics") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PipelineError(f"metrics: {path} is not valid JSON; run dvc repro evaluate to rewrite it") from None
+
+
+def read_tta(path: Path) -> dict:
+    """The test-time augmentation the evaluate stage scored with (metrics.json's tta, pneumonia.augment.tta_views):
+    its calibration and threshold hold for logits averaged over those views. None recorded (before TTA): one view."""
+    tta = _read_metrics(path).get("tta", {"views": 1})
+    try:
+        views = int(tta["views"])
+        drawn = {} if views == 1 else {"seed": int(tta["seed"]), **{k: float(tta[k]) for k in TTA_RANGES}}
+    except (KeyError, TypeError, ValueError):
+        views = 0
+    if views < 1:
+        raise PipelineError(f"metrics: {path}: tta is {tta!r}, not the views, seed and {', '.join(TTA_RANGES)} the "
+                            "evaluate stage records; rerun dvc repro evaluate to rewrite it")
+    return {"views": views, **drawn}
+
+
 def read_operating_point(path: Path) -> tuple[float, float, float]:
     """(threshold, scale, offset) that the evaluate stage chose on validation: p = metrics.calibrate(logit, scale, offset).
 
@@ -236,12 +262,7 @@ def read_operating_point(path: Path) -> tuple[float, float, float]:
 
     A metrics.json from before platt calibration has only a temperature T: scale 1/T, offset 0.
     """
-    try:
-        result = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise PipelineError(f"metrics: cannot read {path} ({exc.strerror}); run dvc repro or pass --metrics") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise PipelineError(f"metrics: {path} is not valid JSON; run dvc repro evaluate to rewrite it") from None
+    result = _read_metrics(path)
     try:
         threshold, calibration = float(result["test"]["threshold"]), result["calibration"]
         if "scale" in calibration:
@@ -297,9 +318,10 @@ def main(argv=None) -> int:
         source_size, interpolation = read_preprocessing(args.model, args.params)
         interpolation = args.interpolation or interpolation
         threshold, scale, offset = read_operating_point(args.metrics)
+        tta = read_tta(args.metrics)
         # Keras starts TensorFlow (seconds), and scikit-learn (metrics) takes a second, so they are imported only
         # once the cheap checks have passed.
-        from pneumonia import gradcam, metrics, plots
+        from pneumonia import augment, gradcam, metrics, plots
         from pneumonia import model as model_lib
 
         net = model_lib.load(args.model)
@@ -319,7 +341,9 @@ def main(argv=None) -> int:
     good = [(row, e) for row, e in enumerate(entries, 1) if e.pixels is not None]
     if good:
         images = preprocess(np.stack([e.pixels for _, e in good]), net.input_shape[1], interpolation)
-        logits = logit_net.predict(images, batch_size=32, verbose=0).reshape(-1).astype("float64")
+        # The mean over the views the evaluate stage scored on (one view: the logits themselves).
+        logits = np.mean([logit_net.predict(view, batch_size=32, verbose=0).reshape(-1)
+                          for view in augment.tta_views(tta, images)], axis=0, dtype="float64")
         for (_, entry), probability in zip(good, metrics.calibrate(logits, scale, offset)):
             entry.probability = float(probability)  # printed exactly, so the decision follows from what is shown
         if args.gradcam:

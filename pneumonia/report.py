@@ -4,7 +4,9 @@
     python -m pneumonia.report [--calibration] [EXPERIMENT ...]
 
 With no names: every experiment of the current commit that has metrics, as `dvc exp show --json` lists
-them. With two or more, the ensemble is scored the way a single run is: the mean calibrated probability
+them. The experiments must be seeds of one recipe: their params.yaml may differ in `seed` only, and no two may
+share a seed; otherwise the report names what differs and stops (pass the names of those that are). With two
+or more, the ensemble is scored the way a single run is: the mean calibrated probability
 across the experiments (each one's metrics/predictions.csv, read from its git ref), the threshold chosen
 on the ensemble's validation scores with the experiments' own threshold rule, and the same test metrics
 with bootstrap CIs that resample validation and test together (the threshold re-chosen in each replicate).
@@ -153,21 +155,37 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def check_seeds(params: dict[str, dict]) -> None:
+    """Refuse experiments (name -> params.yaml) that are not seeds of one recipe: a mean ± std or an ensemble of
+    an lr sweep would report a spread of recipes as the spread of one. Params other than seed must be equal, and
+    the seeds distinct (a repeated seed is one run counted twice)."""
+    flat = {name: pd.json_normalize(p).to_dict("records")[0] if p else {} for name, p in params.items()}  # dotted keys
+    keys = sorted(set().union(*flat.values()) - {"seed"})
+    differ = [k for k in keys if len({repr(f.get(k, "unset")) for f in flat.values()}) > 1]
+    if differ:
+        listed = "; ".join(f"{k} " + ", ".join(f"{n}={f.get(k, 'unset')}" for n, f in flat.items()) for k in differ)
+        raise PipelineError(f"the experiments differ in more than seed ({listed}); pass names of experiments that "
+                            "differ only by seed, e.g. python -m pneumonia.report seed-1 seed-2 seed-3")
+    seeds = pd.Series({name: f.get("seed") for name, f in flat.items()})
+    repeated = seeds[seeds.duplicated(keep=False)]
+    if len(repeated):
+        shared = "; ".join(f"{', '.join(group.index)} share seed {seed}" for seed, group in repeated.groupby(repeated))
+        raise PipelineError(f"{shared}: runs of one seed, not seeds of one recipe; pass one experiment per seed")
+
+
 def score_ensemble(shown: list, used: list[str], calibration: bool = False) -> tuple[dict | None, pd.DataFrame | None]:
     """The ensemble of `used` (two or more), and with `calibration` the methods compared (compare_calibrations).
 
-    An ensemble's experiments must share their evaluate params (the threshold rule, the bootstrap).
+    The experiments must be seeds of one recipe (check_seeds), so they share their evaluate params too.
     """
     revs = revisions(shown)
+    check_seeds({n: revs[n][1] for n in used})
     tables = {n: predictions_at(revs[n][0]) for n in used} if len(used) > 1 or calibration else {}
     first = revs[used[0]][1]
     prevalence = (first.get("evaluate") or {}).get("prevalence", "validation")
     compared = compare_calibrations(tables, first.get("seed", 0), prevalence) if calibration else None
     if len(used) < 2:
         return None, compared
-    rules = {json.dumps(revs[n][1].get("evaluate"), sort_keys=True) for n in used}
-    if len(rules) != 1:
-        raise PipelineError("the experiments differ in their evaluate params; an ensemble needs one threshold rule")
     params = revs[used[0]][1]
     return ensemble(tables, params["evaluate"], params["seed"]), compared
 

@@ -11,9 +11,10 @@ FINAL_MODEL = Path("models/model.keras")
 def main(params):
     net = model.load(FINAL_MODEL)
     val, test = data.load_split(RESIZED_DIR, "val"), data.load_split(RESIZED_DIR, "test")
+    tta = evaluate.tta_record(params)
     result = evaluate.evaluate(
-        val, test, evaluate.logits(net, val[0], params.batch_size, "val"),
-        evaluate.logits(net, test[0], params.batch_size, "test"),
+        val, test, evaluate.logits(net, val[0], params.batch_size, "val", tta),
+        evaluate.logits(net, test[0], params.batch_size, "test", tta),
         params, Path("metrics/metrics.json"), Path("metrics/predictions.csv"), Path("plots"),
     )
     record = json.loads(Path("models/model.json").read_text())

@@ -2,8 +2,6 @@
 import json
 from pathlib import Path
 
-import keras
-
 from pneumonia import augment, data, files, model, params as params_lib, stage, train
 
 RESIZED_DIR = Path("data/resized")
@@ -21,8 +19,8 @@ def main(params):
     trained += "; training images " + augment.describe(params.augment, frozen_prefix=block != "conv1")
     print(f"fine_tune: {trained}", flush=True)
     train_split, val_split = data.load_split(RESIZED_DIR, "train"), data.load_split(RESIZED_DIR, "val")
-    with runtime.scope():  # saved in float32 (train.save): rebuilt under this run's precision
-        net = model.with_policy(model.load(HEAD_MODEL), keras.config.dtype_policy().name)
+    with runtime.scope():
+        net = model.load(HEAD_MODEL, for_training=True)
     summary = train.fine_tune(
         net, train_split, val_split, block=block, train_batchnorm=train_batchnorm,
         cache_dtype=params.compute.cache_dtype, augment=params.augment if params.augment.enabled else None,

@@ -63,9 +63,13 @@ def test_a_stage_cannot_read_a_param_it_does_not_list():
     with pytest.raises(AttributeError, match="train_head reads fine_tune"):
         view.fine_tune
     evaluate = params_lib.for_stage(params_lib.Params(), "evaluate")
-    assert evaluate.listed() == {"seed": 42, "batch_size": 32, "evaluate": params_lib.as_dict(params_lib.Params().evaluate)}
+    assert evaluate.listed() == {"seed": 42, "batch_size": 32, "augment.translate": 0.08, "augment.rotate": 0.03,
+                                 "augment.zoom": 0.1, "augment.contrast": 0.15,
+                                 "evaluate": params_lib.as_dict(params_lib.Params().evaluate)}
     with pytest.raises(AttributeError, match="evaluate reads model"):
         evaluate.model
+    with pytest.raises(AttributeError, match="evaluate reads augment.views"):  # the training views are not evaluate's
+        evaluate.augment.views
 
 
 def test_no_output_path_is_committed_without_the_lock_of_its_run():

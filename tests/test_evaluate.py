@@ -123,3 +123,27 @@ def test_model_card_states_the_prevalence_and_the_predictive_values(tmp_path):
     text = card.render(result, params, record, provenance)
     assert f"Platt scaling fitted on validation logits: sigmoid({result['calibration']['scale']:.4g} * logit" in text
     assert "The probabilities are for validation's share of pneumonia" in text and "No bootstrap intervals" in text
+
+
+def test_test_time_augmentation_is_recorded_for_predict_and_stated_in_the_model_card(tmp_path):
+    import json
+
+    from conftest import ROOT
+    from pneumonia import card
+
+    record = json.loads((ROOT / "results/reference/scratch-64px-recipe/seed-42/model.json").read_text())
+    provenance = {"source": "local", "path": "x.npz", "md5": "0" * 32,
+                  "class_counts": {"test": {"normal": 234, "pneumonia": 390}}}
+    result, *_, params = _run_evaluate(tmp_path, tta=5, bootstrap={"samples": 0})
+    # The views' seed and ranges: the evaluate stage's seed and augment's ranges (also with augment.enabled false).
+    assert result["tta"] == {"views": 5, "seed": 42, "translate": 0.08, "rotate": 0.03, "zoom": 0.1, "contrast": 0.15}
+    assert json.loads((tmp_path / "metrics.json").read_text())["tta"] == result["tta"]
+    text = card.render(result, params, record, provenance)
+    assert ("- Scoring: test-time augmentation (evaluate.tta 5): each validation and test logit is the mean over 5 views, "
+            "the image and 4 fixed transformations drawn with the training augmentation's ranges (translation 0.08, "
+            "rotation 0.03 turn, zoom 0.1, contrast 0.15; seed 42), the same for every image.") in text
+
+    result, *_, params = _run_evaluate(tmp_path / "off", bootstrap={"samples": 0})
+    assert result["tta"] == {"views": 1}
+    assert "- Scoring: one logit per image, as it is (no test-time augmentation; evaluate.tta 1)." in \
+        card.render(result, params, record, provenance)

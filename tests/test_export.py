@@ -88,7 +88,15 @@ def test_bad_model_metrics_or_output_is_one_line_exit_1_and_writes_nothing(tiny,
         status, out, err = _export(tiny, tmp_path / parent / "serving", capsys, **paths)
         assert status == 1 and out == "" and err.count("\n") == 1 and err.startswith(f"error: {kind}: "), err
     assert err == f"error: export: cannot write {tmp_path / 'a-file' / 'serving'} (File exists)\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+    # Calibrated on logits averaged over test-time views, which the graph does not compute: refused, not exported wrong.
+    tta = json.loads((tiny / "metrics.json").read_text()) | {"tta": {"views": 3, "seed": 0, "translate": 0.1,
+                                                                     "rotate": 0.0, "zoom": 0.0, "contrast": 0.0}}
+    (tmp_path / "tta.json").write_text(json.dumps(tta))
+    status, out, err = _export(tiny, tmp_path / "out" / "serving", capsys, metrics=tmp_path / "tta.json")
+    assert (status, out) == (1, "") and err == (
+        f"error: export: {tmp_path / 'tta.json'} was scored with test-time augmentation (3 views), which the SavedModel "
+        "does not do; export a run with evaluate.tta 1 (dvc exp run -S evaluate.tta=1)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "tta.json"]
 
 
 def test_an_output_that_is_not_an_export_is_left_alone(tiny, tmp_path, capsys):

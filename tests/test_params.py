@@ -41,6 +41,8 @@ def test_dvc_exponent_style_reads_as_float(tmp_path):
         ("evaluate:\n  prevalence: 0", "evaluate.prevalence"),
         ("evaluate:\n  prevalence: training", "evaluate.prevalence"),
         ("evaluate:\n  prevalence: true", "evaluate.prevalence"),
+        ("evaluate:\n  tta: 0", "evaluate.tta"),
+        ("evaluate:\n  tta: 2.5", "evaluate.tta"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, text, key):

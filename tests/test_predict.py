@@ -236,3 +236,69 @@ def test_json_output_file_and_gradcam_overlays(trained, test_images, tmp_path, c
     assert rows[1]["probability"] is None and rows[1]["error"] == "no such file"
     assert [p.name for p in (tmp_path / "cams").iterdir()] == ["0001_good.png"]
     assert (tmp_path / "cams" / "0001_good.png").read_bytes()[:8] == PNG_MAGIC
+
+
+TTA = {"views": 3, "seed": 7, "translate": 0.1, "rotate": 0.05, "zoom": 0.1, "contrast": 0.2}
+
+
+def test_test_time_augmentation_is_the_mean_logit_over_fixed_views(trained, test_images):
+    from pneumonia import augment, evaluate
+    from pneumonia.params import AugmentParams
+
+    net = model_lib.load(trained / "model.keras")
+    pixels = resize_images(test_images, SIZE, "bilinear")[..., None]
+    plain = model_lib.logits_model(net).predict(pixels, batch_size=32, verbose=0).reshape(-1).astype("float64")
+    # One view (the default) is the logits as evaluate computed them before TTA, exactly.
+    assert evaluate.logits(net, pixels, 32, "test").tolist() == plain.tolist()
+    assert evaluate.logits(net, pixels, 32, "test", {"views": 1}).tolist() == plain.tolist()
+
+    # Three: the image, and views 1 and 2 of each image transformed alone from seeds (7, k, 0), by hand.
+    layers = augment.layers(AugmentParams(translate=0.1, rotate=0.05, zoom=0.1, contrast=0.2), 7)
+    views = [pixels] + [np.concatenate([augment.transform(layers, image[None], 7, k, 0) for image in pixels])
+                        for k in (1, 2)]
+    assert not np.allclose(views[1], pixels) and not np.allclose(views[1], views[2])
+    by_hand = [model_lib.logits_model(net).predict(v, batch_size=32, verbose=0).reshape(-1).astype("float64")
+               for v in views]
+    tta = evaluate.logits(net, pixels, 32, "test", TTA)
+    np.testing.assert_allclose(tta, np.mean(by_hand, axis=0), rtol=0, atol=1e-12)
+    assert np.abs(tta - plain).max() > 1e-4  # the views move the logits
+
+
+def test_predict_scores_an_image_on_the_views_the_evaluate_stage_recorded(trained, tmp_path, capsys):
+    from pneumonia import evaluate
+    from pneumonia import params as params_lib
+
+    arrays = synthetic.make_arrays()
+    val = resize_images(arrays["val_images"][:60], SIZE, "bilinear")[..., None], arrays["val_labels"][:60, 0]
+    test = resize_images(arrays["test_images"][:6], SIZE, "bilinear")[..., None], arrays["test_labels"][:6, 0]
+    params = params_lib.for_stage(params_lib.from_dict({
+        "seed": TTA["seed"], "augment": {k: TTA[k] for k in predict.TTA_RANGES},
+        "evaluate": {"tta": 3, "bootstrap": {"samples": 0}}}), "evaluate")
+    net = model_lib.load(trained / "model.keras")
+    record = evaluate.tta_record(params)
+    assert record == TTA
+    evaluate.evaluate(val, test, evaluate.logits(net, val[0], 32, "val", record),
+                      evaluate.logits(net, test[0], 32, "test", record), params, tmp_path / "metrics.json",
+                      tmp_path / "predictions.csv", tmp_path / "plots")
+    assert json.loads((tmp_path / "metrics.json").read_text())["tta"] == TTA
+    _, evaluated = evaluate.read_predictions(tmp_path / "predictions.csv", "test")
+
+    pngs = [_png(tmp_path / f"test{i}.png", arrays["test_images"][i]) for i in (0, 5)]
+    args = [*map(str, pngs), "--model", str(trained / "model.keras"), "--params", str(ROOT / "params.yaml")]
+    assert predict.main([*args, "--metrics", str(tmp_path / "metrics.json")]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    np.testing.assert_allclose([float(r["probability"]) for r in rows], evaluated[[0, 5]], rtol=0, atol=2e-6)
+
+    # Without the record, predict scores the image alone: another probability, so the record is what matched.
+    without = json.loads((tmp_path / "metrics.json").read_text())
+    del without["tta"]
+    (tmp_path / "plain.json").write_text(json.dumps(without))
+    assert predict.main([*args, "--metrics", str(tmp_path / "plain.json")]) == 0
+    plain = [float(r["probability"]) for r in csv.DictReader(io.StringIO(capsys.readouterr().out))]
+    assert np.abs(np.array(plain) - evaluated[[0, 5]]).max() > 1e-4
+
+    (tmp_path / "bad.json").write_text(json.dumps(without | {"tta": {"views": 3}}))
+    assert predict.main([*args, "--metrics", str(tmp_path / "bad.json")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: metrics: {tmp_path / 'bad.json'}: tta is {{'views': 3}}, not the views, seed and translate, rotate, "
+        "zoom, contrast the evaluate stage records; rerun dvc repro evaluate to rewrite it\n")

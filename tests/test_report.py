@@ -1,6 +1,8 @@
 """python -m pneumonia.report: mean ± std of test metrics across experiments."""
+import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,13 +25,14 @@ def _predictions(seed):
                          "label": labels, "probability": probs, "calibrated_probability": probs})
 
 
-def _rev(name, test_metrics):
-    """One experiment as DVC 3.67's `dvc exp show --json` gives it (trimmed to the fields read)."""
+def _rev(name, test_metrics, seed=None, **params):
+    """One experiment as DVC 3.67's `dvc exp show --json` gives it (trimmed to the fields read); seed N for seed-N."""
     metrics = ({"data": {"test": test_metrics, "val": {"recall": 0.5}}} if test_metrics is not None else
                {"error": {"type": "FileNotFoundError", "msg": "No such file or directory: 'metrics/metrics.json'"}})
     return {"executor": None, "name": name, "revs": [{
         "rev": name.ljust(40, "0"), "name": name, "error": None,
-        "data": {"rev": "...", "params": {"params.yaml": {"data": {"seed": 1, "evaluate": EVALUATE}}},
+        "data": {"rev": "...", "params": {"params.yaml": {"data": {
+            "seed": (int(name.removeprefix("seed-")) if name.startswith("seed-") else 0) if seed is None else seed, "lr": 1e-4, "evaluate": EVALUATE} | params}},
                  "metrics": {report.METRICS_FILE: metrics}, "deps": {}, "outs": {}, "meta": {}}}]}
 
 
@@ -131,6 +134,68 @@ def test_cli_prints_table_or_one_line_error(monkeypatch, capsys):
     assert report.main(["seed-4"]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: unknown experiment seed-4; known: failed, seed-1, seed-2, seed-3"]
+
+
+def test_experiments_that_are_not_seeds_of_one_recipe_are_refused_in_one_line(monkeypatch, capsys):
+    found = _metrics(0.9, 0.8, 0.3)
+    sweep = [WORKSPACE, {**SHOWN[1], "experiments": [
+        _rev("seed-1", found), _rev("seed-2", found), _rev("rerun-2", found, seed=2),
+        _rev("lr-low", found, seed=3, lr=1e-5, evaluate=EVALUATE | {"calibration": "none"})]}]
+    read = []
+    monkeypatch.setattr(report, "exp_show", lambda: sweep)
+    monkeypatch.setattr(report, "predictions_at", lambda rev: read.append(rev) or _predictions(int(rev[5])))
+    assert report.main([]) == 1  # every experiment of the commit: an lr and calibration sweep is not a seed spread
+    assert capsys.readouterr().err.splitlines() == [
+        "error: the experiments differ in more than seed (evaluate.calibration lr-low=none, rerun-2=platt, seed-1=platt, "
+        "seed-2=platt; lr lr-low=1e-05, rerun-2=0.0001, seed-1=0.0001, seed-2=0.0001); pass names of experiments that "
+        "differ only by seed, e.g. python -m pneumonia.report seed-1 seed-2 seed-3"]
+    assert report.main(["--calibration", "seed-2", "rerun-2", "seed-1"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: rerun-2, seed-2 share seed 2: runs of one seed, not seeds of one recipe; pass one experiment per seed"]
+    assert read == []  # refused before any predictions.csv is read
+    assert report.main(["seed-1", "seed-2"]) == 0
+    assert capsys.readouterr().out.startswith("2 experiment(s): seed-1, seed-2\n") and len(read) == 2
+    assert report.main(["lr-low"]) == 0  # one experiment is one recipe
+
+
+def test_real_experiments_are_summarised_only_as_seeds_of_one_recipe(trained_repo):
+    """Experiments as `dvc exp save` records them: params.yaml edited, the trained run's outputs kept (no rerun)."""
+    repo = trained_repo
+    predictions = repo.path / report.PREDICTIONS_FILE
+    plain = pd.read_csv(predictions, float_precision="round_trip")
+    half = plain.assign(calibrated_probability=plain["calibrated_probability"] / 2)  # a less confident "seed"
+    for name, params, table in (("seed-1", {"seed": 1}, plain), ("seed-2", {"seed": 2}, half),
+                                ("slow-head", {"seed": 3, "lr": 1e-5}, plain), ("again", {"seed": 2, "lr": 1e-4}, plain)):
+        repo.set_params(params)
+        table.to_csv(predictions, index=False)
+        repo.dvc("exp", "save", "-n", name)
+
+    proc = repo.run(sys.executable, "-m", "pneumonia.report", check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "error: the experiments differ in more than seed (lr again=0.0001, seed-1=0.0001, seed-2=0.0001, "
+        "slow-head=1e-05); pass names of experiments that differ only by seed, e.g. python -m pneumonia.report "
+        "seed-1 seed-2 seed-3"]
+    proc = repo.run(sys.executable, "-m", "pneumonia.report", "again", "seed-2", check=False)
+    assert (proc.returncode, proc.stderr.splitlines()) == (1, [
+        "error: again, seed-2 share seed 2: runs of one seed, not seeds of one recipe; pass one experiment per seed"])
+
+    # Seeds of one recipe: the ensemble of the predictions each experiment's git ref holds.
+    proc = repo.run(sys.executable, "-m", "pneumonia.report", "seed-2", "seed-1")
+    assert proc.stdout.splitlines()[0] == "2 experiment(s): seed-1, seed-2"
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[2:]}
+    val, test = plain["split"] == "val", plain["split"] == "test"
+    mean = (plain["calibrated_probability"] + half["calibrated_probability"]) / 2
+    threshold = metrics.choose_threshold(plain.loc[val, "label"], mean[val], "target_sensitivity", 0.95)  # on validation
+    own = json.loads((repo.path / report.METRICS_FILE).read_text())["test"]["threshold"]
+    assert rows["test.threshold"][5] == f"{threshold:.4f}" != f"{own:.4f}"  # both refs read, not one
+    assert rows["test.roc_auc"][5] == f"{round(skm.roc_auc_score(plain.loc[test, 'label'], mean[test]), 4):.4f}"
+
+    # make ensemble is this report with the calibration comparison (the venv given, as it is not in the copy).
+    venv = Path(sys.executable).parent.parent
+    made = repo.run("make", "-s", "-o", f"{venv}/.runtime", f"VENV={venv}", "ensemble", "EXPS=seed-2 seed-1")
+    direct = repo.run(sys.executable, "-m", "pneumonia.report", "--calibration", "seed-1", "seed-2")
+    assert made.stdout == direct.stdout and "calibration methods" in made.stdout
 
 
 def test_real_dvc_without_experiments(repo):
