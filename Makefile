@@ -1,6 +1,8 @@
 # make run   - set up .venv, then run the pipeline (dvc repro)
 # make quick - set up .venv, then a quick look on a CPU: the whole pipeline at 64 px with 3 + 3 epochs, as the
 #              experiment quick-look (QUICK_ARGS="-S ..." to add params)
+# make recipe SEED=11 - the CPU reference recipe (from scratch, 64 px, augmented; results/reference/README.md) as
+#              the experiment recipe-s<SEED>, 20-30 minutes on 2 cores (RECIPE_ARGS="-S data.source=..." offline)
 # make test  - set up .venv with test deps, then run the tests
 # make test-fast - the unit tests only, for the edit loop (no DVC pipeline runs, no training processes)
 # make exps  - the experiments table, fitted to the terminal: name, changed params, test AUC, sensitivity, specificity, F1
@@ -25,6 +27,8 @@ TF_VERSION := 2.21.0
 MEDMNIST_VERSION := 3.0.2
 PLOTS_DIR ?= dvc_plots
 QUICK_ARGS ?=
+SEED ?= 42
+RECIPE_ARGS ?=
 EXPS ?=
 EXPORT_DIR ?= models/serving
 BENCH_ARGS ?=
@@ -35,7 +39,7 @@ GPU_WHEELS_SKIP ?= numpy scipy
 # The README's `dvc exp show` command ($$ is how make writes $).
 EXP_SHOW := dvc exp show --no-pager --only-changed --drop '.*/|Created|test|val\.|calibration' --keep 'test\.(roc_auc|recall|specificity|f1)$$'
 
-.PHONY: run quick test test-fast exps ensemble plots export bench gpu-check gpu-wheels setup clean-venv
+.PHONY: run quick recipe test test-fast exps ensemble plots export bench gpu-check gpu-wheels setup clean-venv
 
 $(VENV)/.runtime: requirements.txt Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed (set PYTHON=python3.x)")'
@@ -62,6 +66,12 @@ run: $(VENV)/.runtime
 # Every stage and output, at 64 px: minutes on a laptop CPU where the defaults (224 px, 10 + 10 epochs) take hours.
 quick: $(VENV)/.runtime
 	$(BIN)/dvc exp run -n quick-look -S image_size=64 -S train_head.epochs=3 -S fine_tune.epochs=3 $(QUICK_ARGS)
+
+# The CPU reference recipe, chosen on validation (results/reference/README.md).
+recipe: $(VENV)/.runtime
+	$(BIN)/dvc exp run -n recipe-s$(SEED) -S seed=$(SEED) -S model.weights=none -S image_size=64 \
+		-S train_head.epochs=0 -S fine_tune.epochs=10 -S fine_tune.lr=1e-3 -S fine_tune.patience=10 \
+		-S fine_tune.keep=val_loss -S fine_tune.schedule=cosine -S augment.enabled=true $(RECIPE_ARGS)
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest
