@@ -17,14 +17,14 @@ def _outputs_and_params() -> dict:
 
 
 def test_gpu_check_runs_the_whole_pipeline_and_the_floor_and_writes_its_results(tmp_path):
-    npz = synthetic.write(tmp_path / "pneumoniamnist.npz")
+    npz = synthetic.write(tmp_path / "pneumoniamnist.npz", sizes=synthetic.PIPELINE_SIZES)
     out = tmp_path / "results_gpu.json"
     before = _outputs_and_params()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--allow-cpu", "--data", str(npz), "--out", str(out),
          "--image-size", "32", "--head-epochs", "1", "--epochs", "2", "--batch-sizes", "32,64", "--extra-epochs", "1",
          "--floor-steps", "2", "--step-timeout", "900"],
-        cwd=ROOT, capture_output=True, text=True, timeout=2400,
+        cwd=ROOT, capture_output=True, text=True, timeout=2400, env=synthetic.small_splits_env(),
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads(out.read_text())
@@ -36,7 +36,7 @@ def test_gpu_check_runs_the_whole_pipeline_and_the_floor_and_writes_its_results(
     assert set(phases) == {("train_head", 32), ("fine_tune", 32), ("fine_tune", 64)}
     assert phases[("fine_tune", 32)]["epochs"] == 2 and len(phases[("fine_tune", 32)]["val_s_per_epoch"]) == 2
     for phase in phases.values():
-        assert phase["train_images_per_s"] > 0 and phase["train_images"] == 4708
+        assert phase["train_images_per_s"] > 0 and phase["train_images"] == synthetic.PIPELINE_SIZES["train"]
         assert phase["mixed_precision"] is False and phase["jit_compile"] is False  # CPU: both auto-off
     for batch in ("32", "64"):
         floor = results["floor"][batch]
@@ -49,12 +49,12 @@ def test_gpu_check_runs_the_whole_pipeline_and_the_floor_and_writes_its_results(
 
 
 def test_a_step_past_its_timeout_is_killed_and_the_run_says_so(tmp_path):
-    npz = synthetic.write(tmp_path / "pneumoniamnist.npz")
+    npz = synthetic.write(tmp_path / "pneumoniamnist.npz", sizes=synthetic.PIPELINE_SIZES)
     out = tmp_path / "results_gpu.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--allow-cpu", "--data", str(npz), "--out", str(out),
          "--image-size", "32", "--step-timeout", "3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=synthetic.small_splits_env(),
     )
     results = json.loads(out.read_text())
     assert proc.returncode == 1 and "ran past 3 s and was killed" in results["failed"]
