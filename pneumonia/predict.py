@@ -42,12 +42,11 @@ from PIL import Image, ImageOps
 from pneumonia import params as params_lib
 from pneumonia.data import resize_images
 from pneumonia.errors import PipelineError
-from pneumonia.files import write_text
+from pneumonia.files import read_operating_point, read_tta, write_text  # noqa: F401 (export imports them here)
 
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
 FIELDS = ("file", "probability", "decision", "threshold", "error")
 INTERPOLATIONS = typing.get_args(typing.get_type_hints(params_lib.ResizeParams)["interpolation"])
-TTA_RANGES = ("translate", "rotate", "zoom", "contrast")  # augment's, drawing the test-time views
 
 
 class InputError(Exception):
@@ -229,52 +228,6 @@ def read_preprocessing(model_path: Path, params_path: Path) -> tuple[int, str]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise PipelineError(f"model: {record_path} is not the record the fine_tune stage writes; rerun dvc repro "
                             "or remove it to use --params") from None
-
-
-def _read_metrics(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise PipelineError(f"metrics: cannot read {path} ({exc.strerror}); run dvc repro or pass --metrics") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise PipelineError(f"metrics: {path} is not valid JSON; run dvc repro evaluate to rewrite it") from None
-
-
-def read_tta(path: Path) -> dict:
-    """The test-time augmentation the evaluate stage scored with (metrics.json's tta, pneumonia.augment.tta_views):
-    its calibration and threshold hold for logits averaged over those views. None recorded (before TTA): one view."""
-    tta = _read_metrics(path).get("tta", {"views": 1})
-    try:
-        views = int(tta["views"])
-        drawn = {} if views == 1 else {"seed": int(tta["seed"]), **{k: float(tta[k]) for k in TTA_RANGES}}
-    except (KeyError, TypeError, ValueError):
-        views = 0
-    if views < 1:
-        raise PipelineError(f"metrics: {path}: tta is {tta!r}, not the views, seed and {', '.join(TTA_RANGES)} the "
-                            "evaluate stage records; rerun dvc repro evaluate to rewrite it")
-    return {"views": views, **drawn}
-
-
-def read_operating_point(path: Path) -> tuple[float, float, float]:
-    """(threshold, scale, offset) that the evaluate stage chose on validation: p = metrics.calibrate(logit, scale, offset).
-
-    The offset already holds the shift to evaluate.prevalence, so nothing else in metrics.json changes p.
-
-    A metrics.json from before platt calibration has only a temperature T: scale 1/T, offset 0.
-    """
-    result = _read_metrics(path)
-    try:
-        threshold, calibration = float(result["test"]["threshold"]), result["calibration"]
-        if "scale" in calibration:
-            scale, offset = float(calibration["scale"]), float(calibration["offset"])
-        else:
-            scale, offset = 1.0 / float(calibration["temperature"]), 0.0
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        raise PipelineError(f"metrics: {path} has no test.threshold and calibration (scale and offset, or temperature); "
-                            "is it the evaluate stage's metrics.json?") from None
-    if not scale > 0:
-        raise PipelineError(f"metrics: {path}: the calibration scale is {scale}; it must be positive")
-    return threshold, scale, offset
 
 
 def _decision(probability: float, threshold: float) -> str:

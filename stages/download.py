@@ -4,13 +4,9 @@ It runs on every `dvc repro` (always_changed: a local file can change at the sam
 data/raw only when the source's content differs from what is there, so later stages skip otherwise.
 """
 import json
-from pathlib import Path
 
 from pneumonia import data, files, stage
-
-RAW_DIR = Path("data/raw")
-RAW_NPZ = RAW_DIR / "pneumoniamnist.npz"
-PROVENANCE = RAW_DIR / "provenance.json"
+from pneumonia.files import PROVENANCE, RAW_NPZ
 
 
 def _previous() -> dict | None:

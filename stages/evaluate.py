@@ -1,11 +1,9 @@
 """Stage 5: threshold on validation, calibrated test metrics with CIs, curves, and the model card."""
 import json
-from pathlib import Path
 
 from pneumonia import card, data, evaluate, model, stage
-
-RESIZED_DIR = Path("data/resized")
-FINAL_MODEL = Path("models/model.keras")
+from pneumonia.files import (FINAL_MODEL, FINAL_RECORD, METRICS, MODEL_CARD, PLOTS_DIR, PREDICTIONS,
+                             PROVENANCE, RESIZED_DIR)
 
 
 def main(params):
@@ -15,11 +13,11 @@ def main(params):
     result = evaluate.evaluate(
         val, test, evaluate.logits(net, val[0], params.batch_size, "val", tta),
         evaluate.logits(net, test[0], params.batch_size, "test", tta),
-        params, Path("metrics/metrics.json"), Path("metrics/predictions.csv"), Path("plots"),
+        params, METRICS, PREDICTIONS, PLOTS_DIR,
     )
-    record = json.loads(Path("models/model.json").read_text())
-    provenance = json.loads(Path("data/raw/provenance.json").read_text())
-    card.write(Path("reports/model_card.md"), result, params, record, provenance)
+    record = json.loads(FINAL_RECORD.read_text())
+    provenance = json.loads(PROVENANCE.read_text())
+    card.write(MODEL_CARD, result, params, record, provenance)
     t = result["test"]
     print(f"evaluate: threshold {t['threshold']:.4f}: sensitivity {t['recall']}, specificity {t['specificity']}, "
           f"F1 {t['f1']}, ROC AUC {t['roc_auc']} (FP {t['fp']}, FN {t['fn']})", flush=True)

@@ -1,12 +1,8 @@
 """Stage 4 (phase 2): unfreeze from fine_tune.unfreeze_from up; the frozen prefix runs once per image."""
 import json
-from pathlib import Path
 
 from pneumonia import augment, data, files, model, params as params_lib, stage, train
-
-RESIZED_DIR = Path("data/resized")
-HEAD_MODEL, HEAD_RECORD = Path("models/head.keras"), Path("models/head.json")
-FINAL_MODEL, FINAL_RECORD = Path("models/model.keras"), Path("models/model.json")
+from pneumonia.files import FINAL_MODEL, FINAL_RECORD, HEAD_MODEL, HEAD_RECORD, RESIZED_DIR
 
 
 def main(params):

@@ -2,14 +2,11 @@
 
 When image_size equals data.size (a native-resolution file) the images are kept as they are.
 """
-from pathlib import Path
 
 import numpy as np
 
 from pneumonia import data, files, stage
-
-RAW_NPZ = Path("data/raw/pneumoniamnist.npz")
-RESIZED_DIR = Path("data/resized")
+from pneumonia.files import RAW_NPZ, RESIZED_DIR
 
 
 def main(params):

@@ -1,12 +1,8 @@
 """Stage 3 (phase 1): frozen ResNet-50, a new head trained on features computed once per image."""
 import json
-from pathlib import Path
 
 from pneumonia import augment, data, files, model, stage, train
-
-RESIZED_DIR = Path("data/resized")
-HEAD_MODEL = Path("models/head.keras")
-HEAD_RECORD = Path("models/head.json")
+from pneumonia.files import HEAD_MODEL, HEAD_RECORD, RESIZED_DIR
 
 
 def main(params):

@@ -14,7 +14,7 @@ import dicom_files
 import synthetic
 from conftest import ROOT
 from pneumonia import model as model_lib
-from pneumonia import predict, train
+from pneumonia import files, predict, train
 from pneumonia.data import resize_images
 
 SIZE = 32
@@ -272,7 +272,7 @@ def test_predict_scores_an_image_on_the_views_the_evaluate_stage_recorded(traine
     val = resize_images(arrays["val_images"][:60], SIZE, "bilinear")[..., None], arrays["val_labels"][:60, 0]
     test = resize_images(arrays["test_images"][:6], SIZE, "bilinear")[..., None], arrays["test_labels"][:6, 0]
     params = params_lib.for_stage(params_lib.from_dict({
-        "seed": TTA["seed"], "augment": {k: TTA[k] for k in predict.TTA_RANGES},
+        "seed": TTA["seed"], "augment": {k: TTA[k] for k in files.TTA_RANGES},
         "evaluate": {"tta": 3, "bootstrap": {"samples": 0}}}), "evaluate")
     net = model_lib.load(trained / "model.keras")
     record = evaluate.tta_record(params)
