@@ -14,9 +14,10 @@
 #              with metrics/metrics.json's calibration and threshold built in (pneumonia/export.py)
 # make bench - time the project's training against plain fit and the compute floor (BENCH_ARGS="--epochs 2" to shrink;
 #              BENCH_ARGS=--full-data: peak memory of the real stages on the whole dataset)
-# make gpu-check - on a CUDA machine: the whole pipeline at 224 px from scratch, offline, in a temporary copy, against
-#              the GPU's own floor (bench/results_gpu.json). Uses the machine's own python and packages (TensorFlow,
-#              else JAX), nothing from the internet: GPU_CHECK_ARGS="--data path/to.npz --wheels wheels"
+# make gpu-check - on a CUDA machine: the whole pipeline at 224 px from scratch, then phase 2 alone on each path (the
+#              float16 conv5 cache, its augmented views, the whole network augmented), offline, in a temporary copy,
+#              against the GPU's own floors (bench/results_gpu.json). Uses the machine's own python and packages
+#              (TensorFlow, else JAX), nothing from the internet: GPU_CHECK_ARGS="--data path/to.npz --wheels wheels"
 # make gpu-wheels - where there is internet: wheels/ for gpu-check --wheels on a Python 3.12 machine without it
 PYTHON ?= python3
 VENV := .venv

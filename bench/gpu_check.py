@@ -1,4 +1,4 @@
-"""make gpu-check: the whole pipeline on a CUDA machine, measured against that GPU's own floor.
+"""make gpu-check: the whole pipeline on a CUDA machine, then each path phase 2 can take, against that GPU's own floor.
 
     python bench/gpu_check.py --data PATH [--wheels DIR] [--epochs 20] [--image-size 224] [--batch-sizes 32,128]
 
@@ -8,17 +8,24 @@ The backend is TensorFlow where it imports, else JAX (KERAS_BACKEND=jax; an expl
 a virtualenv that also sees the machine's own packages (its JAX and CUDA libraries).
 
 Steps, each under --step-timeout seconds and logged to <work>/gpu_check.log as it runs:
-1. a temporary copy of this project (its files, without outputs, as a fresh git repo), so the committed outputs
+1. a temporary copy of this project (its files, without outputs, as a fresh git repo): the committed outputs
    are never written;
 2. its params: the local data upsampled to --image-size px, weights none, phase 1 for --head-epochs epochs,
-   phase 2 from conv1 (the whole network) for --epochs epochs, all of them run (keep last);
-3. each stage by `dvc repro --single-item <stage>`, timed; the stages themselves record their training
-   throughput (training steps only, the validation pass apart) and the allocator's peak memory
-   (pneumonia.devicestats);
-4. phase 2 again for --extra-epochs epochs at each further batch size, for its throughput;
-5. the floor, per batch size: a Keras train step of the same network, loss, class weights, metrics and
-   precision, through fit on one device-resident batch (no input pipeline), compile excluded;
-6. the results, --out (bench/results_gpu.json), written after every step, so a failed run keeps what it measured.
+   phase 2 on the path `whole` (from conv1, no augmentation) for --epochs epochs, all of them run (keep last);
+3. each stage by `dvc repro --single-item <stage>`, timed; the stages record their training throughput
+   (training steps only) and the allocator's peak memory (pneumonia.devicestats);
+4. phase 2 alone (`python -m stages.fine_tune`) for --extra-epochs epochs: `whole` at each further batch size,
+   then each of --paths (PATHS) at the first; each run's phase entries are tagged with its path and with what
+   the stage's own record (models/model.json) says it trained;
+5. the floor of each trainable part and batch size run: fit of that part (the whole network on pixels, or the
+   conv5 suffix on float16 activations) with the same loss, class weights, metrics and precision on one
+   device-resident batch (no input pipeline), compile excluded;
+6. the results, --out (bench/results_gpu.json), written after every step: a failed run keeps what it measured.
+
+Cost on an H200 (estimated, not yet timed on one): the pipeline 3-4 minutes; the 4 phase-2 runs after it
+(2 epochs each) and the 3 floors are mostly process start and XLA compiles, half a minute to a minute each: under
+8 minutes in all if the compiles are quick, up to about 11 if each takes a minute (`--batch-sizes 32` then drops
+a run and a floor). The runs' wall_s in the results tell which.
 """
 from __future__ import annotations
 
@@ -44,6 +51,14 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"
 # Installed from --wheels when missing: what the stages import beyond a JAX or TensorFlow machine's own packages.
 PACKAGES = ("keras", "dvc", "dvclive", "numpy", "scipy", "scikit-learn", "pandas", "matplotlib", "pillow", "pyyaml",
             "psutil", "tqdm", "medmnist")
+# Phase 2's paths: name -> (fine_tune.unfreeze_from, augment.enabled). `whole` is the pipeline's own.
+PATHS = {
+    "whole": ("conv1", False),  # every layer trains on raw pixels
+    "cached-conv5": ("conv5_block1", False),  # the ImageNet default: the frozen prefix cached once (CACHE_DTYPE)
+    "cached-conv5-views": ("conv5_block1", True),  # the same, --views augmented views cached
+    "whole-augmented": ("conv1", True),  # augmented on the fly where batches are made (XLA kept)
+}
+CACHE_DTYPE = "float16"
 
 
 class StepFailed(Exception):
@@ -60,16 +75,23 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=20, help="phase 2 epochs, the whole network")
     p.add_argument("--lr", type=float, default=1e-3, help="phase 2 learning rate (from scratch)")
     p.add_argument("--batch-sizes", default="32,128", help="the first is the pipeline run's; the others time phase 2")
-    p.add_argument("--extra-epochs", type=int, default=3, help="phase 2 epochs at each further batch size")
+    p.add_argument("--extra-epochs", type=int, default=2, help="phase 2 epochs of each run after the pipeline")
+    p.add_argument("--paths", default=",".join(list(PATHS)[1:]), help="phase 2 paths run after the pipeline, at "
+                   "the first batch size (%(default)s; '' for none)")
+    p.add_argument("--views", type=int, default=2, help="augment.views of cached-conv5-views")
     p.add_argument("--floor-steps", type=int, default=50, help="train steps per timed floor epoch")
     p.add_argument("--step-timeout", type=int, default=600, help="seconds any one step may take")
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (a dry run of the script itself)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
     p.add_argument("--work", help=argparse.SUPPRESS)  # set when the script re-runs itself inside its virtualenv
-    p.add_argument("--floor-worker", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--floor-worker", type=int, help=argparse.SUPPRESS)  # its batch size
+    p.add_argument("--floor-block", default="conv1", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.paths = [name for name in args.paths.split(",") if name]
+    if not set(args.paths) <= set(PATHS):
+        p.error(f"--paths: each one of {', '.join(PATHS)}")
     return args
 
 
@@ -87,24 +109,21 @@ class Steps:
         with open(self.log, "a") as f:
             f.write(line + "\n")
 
-    def run(self, name: str, cmd: list, cwd: Path, env: dict, timeout: int | None = None) -> float:
-        timeout = timeout or self.timeout
-        self.note(f"step {name}: {' '.join(map(str, cmd))} (timeout {timeout} s)")
+    def run(self, name: str, cmd: list, cwd: Path, env: dict) -> None:
+        self.note(f"step {name}: {' '.join(map(str, cmd))} (timeout {self.timeout} s)")
         start = time.perf_counter()
         with open(self.log, "a") as f:
             proc = subprocess.Popen(list(map(str, cmd)), cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True)  # its own group: a timeout kills its children too
             try:
-                code = proc.wait(timeout=timeout)
+                code = proc.wait(timeout=self.timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                raise StepFailed(f"{name} ran past {timeout} s and was killed") from None
-        wall = time.perf_counter() - start
+                raise StepFailed(f"{name} ran past {self.timeout} s and was killed") from None
         if code != 0:
             raise StepFailed(f"{name} exited with {code}")
-        self.note(f"step {name}: done in {wall:.1f} s")
-        return wall
+        self.note(f"step {name}: done in {time.perf_counter() - start:.1f} s")
 
 
 def detect_backend(python: str, steps: Steps) -> str:
@@ -137,11 +156,9 @@ def install_and_rerun(work: Path, wheels: str, steps: Steps) -> None:
 def interpreter(work: Path) -> str:
     """This python, first on PATH as a wrapper script: DVC runs `python -m stages.<name>`, and a symlink to a
     virtualenv's interpreter would lose the virtualenv's packages."""
-    python = sys.executable
-    bin_dir = work / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    wrapper = bin_dir / "python"
-    wrapper.write_text(f'#!/bin/sh\nexec "{python}" "$@"\n')
+    wrapper = work / "bin" / "python"
+    wrapper.parent.mkdir(exist_ok=True)
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     wrapper.chmod(0o755)
     return str(wrapper)
 
@@ -168,22 +185,33 @@ def copy_project(clone: Path, steps: Steps, env: dict) -> Path:
     return clone
 
 
-def set_params(clone: Path, args, batch_size: int, epochs: int) -> None:
+def set_params(clone: Path, args, path: str, batch_size: int, epochs: int) -> None:
     import yaml
 
-    path = clone / "params.yaml"
-    params = yaml.safe_load(path.read_text())
+    params = yaml.safe_load((clone / "params.yaml").read_text())
     params.update(image_size=args.image_size, batch_size=batch_size)
     params["data"].update(source=str(Path(args.data).resolve()), size=28)
     params["model"]["weights"] = "none"  # offline: no ImageNet weights
     params["train_head"].update(epochs=args.head_epochs, patience=max(args.head_epochs, 1))
-    params["fine_tune"].update(epochs=epochs, patience=epochs, lr=args.lr, unfreeze_from="conv1", keep="last",
+    block, augment = PATHS[path]
+    params["fine_tune"].update(epochs=epochs, patience=epochs, lr=args.lr, unfreeze_from=block, keep="last",
                                schedule="cosine")
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    params["augment"].update(enabled=augment, views=args.views)
+    params["compute"]["cache_dtype"] = CACHE_DTYPE
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def read_stats(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def trained(record: Path) -> dict:
+    """What phase 2 trained on, from the fine_tune stage's own record (models/model.json)."""
+    ft = json.loads(record.read_text())["fine_tune"]
+    block, augment, cached = ft["unfreeze_from"], ft["params"]["augment"], ft["unfreeze_from"] != "conv1"
+    how = f"{augment['views']} cached views" if cached else "on the fly"
+    return {"unfreeze_from": block, "augment": how if augment["enabled"] else "none",
+            "cache_dtype": ft["params"]["compute"]["cache_dtype"] if cached else None}
 
 
 def machine(python: str, env: dict) -> dict:
@@ -202,19 +230,22 @@ def machine(python: str, env: dict) -> dict:
     return info
 
 
-def summarize(stats: list[dict], floors: dict, batch_sizes: list[int]) -> dict:
-    """Per stage: wall time and peak memory; per phase: throughput; phase 2 against the floor per batch size."""
-    stages = {e["stage"]: e for e in stats if "stage" in e}
-    phases = [e for e in stats if "phase" in e]
-    phase2 = {}
-    for entry in phases:
-        if entry["phase"] == "fine_tune":
-            phase2.setdefault(entry["batch_size"], entry)  # the pipeline run first, then the extra batch sizes
-    ratios = {}
-    for b in batch_sizes:
-        project, floor = phase2.get(b, {}).get("train_images_per_s"), floors.get(b, {}).get("train_images_per_s")
-        ratios[b] = round(project / floor, 3) if project and floor else None
-    return {"stages": stages, "phases": phases, "phase2_over_floor": ratios}
+STAGE_KEYS = ("wall_s", "peak_device_memory_bytes")
+RUN_KEYS = ("batch_size", "epochs", "unfreeze_from", "augment", "cache_dtype", "train_images_per_s",
+            "mixed_precision", "jit_compile", *STAGE_KEYS)
+
+
+def summarize(stats: list[dict], floors: dict) -> dict:
+    """Per stage: wall time and peak memory; per phase: throughput; per phase-2 run: its path, what it trained and
+    its throughput against the floor of the same trainable part at the same batch size."""
+    phases, paths = [e for e in stats if "phase" in e], []
+    for e in (e for e in phases if e["phase"] == "fine_tune"):  # untagged (older) entries: the pipeline's, conv1
+        floor = floors.get(e.get("unfreeze_from", "conv1"), {}).get(e["batch_size"], {}).get("train_images_per_s")
+        ratio = round(e["train_images_per_s"] / floor, 3) if floor and e["train_images_per_s"] else None
+        paths.append({"path": e.get("path", "whole"), **{k: e.get(k) for k in RUN_KEYS}, "floor_images_per_s": floor,
+                      "floor_ratio": ratio})
+    return {"stages": {e["stage"]: e for e in stats if "stage" in e}, "phases": phases, "paths": paths,
+            "phase2_over_floor": {p["batch_size"]: p["floor_ratio"] for p in paths if p["path"] == "whole"}}
 
 
 def orchestrate(args) -> int:
@@ -228,10 +259,9 @@ def orchestrate(args) -> int:
             return 1
     results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "log": str(steps.log),
-               "config": {"data": str(args.data), "image_size": args.image_size, "head_epochs": args.head_epochs,
-                          "epochs": args.epochs, "lr": args.lr, "batch_sizes": args.batch_sizes,
-                          "extra_epochs": args.extra_epochs, "floor_steps": args.floor_steps, "weights": "none",
-                          "unfreeze_from": "conv1", "step_timeout_s": args.step_timeout}}
+               "config": {k: v for k, v in vars(args).items() if k not in ("work", "floor_worker", "floor_block",
+                                                                        "result")}
+               | {"weights": "none", "cache_dtype": CACHE_DTYPE}}
     out = Path(args.out)
 
     def save():
@@ -240,7 +270,30 @@ def orchestrate(args) -> int:
 
     start = time.perf_counter()
     stats_file = work / "device_stats.jsonl"
-    floors = {}
+    stats, floors = [], {}
+    results["floor"] = floors  # {trainable part: {batch size: its floor}}
+
+    def step(name: str, cmd: list, cwd: Path, path: str | None = None, alone: bool = False) -> None:
+        """One step, then the results saved. The device stats it wrote join `stats`: its phases tagged with `path`,
+        phase 2's also with what the stage's record says it trained and the stage's wall time and peak memory
+        (the stage entry itself kept only from the pipeline, not from phase 2 run `alone`)."""
+        stats_file.unlink(missing_ok=True)
+        done = {}
+        try:
+            steps.run(name, cmd, cwd, env)
+            record = cwd / "models" / "model.json"
+            done = trained(record) if path and record.exists() else {}
+        finally:
+            new = read_stats(stats_file)
+            done |= {k: e[k] for e in new if e.get("stage") == "fine_tune" for k in STAGE_KEYS}
+            for entry in new:
+                if "phase" in entry:
+                    entry |= {"path": path} | (done if entry["phase"] == "fine_tune" else {})
+                if "phase" in entry or not alone:
+                    stats.append(entry)
+            results.update(summarize(stats, floors))
+            save()
+
     try:
         if not Path(args.data).is_file():
             raise StepFailed(f"no data file {args.data}; pass --data path/to/pneumoniamnist.npz")
@@ -255,24 +308,22 @@ def orchestrate(args) -> int:
         save()
         clone = copy_project(work / "project", steps, env)
         first, *more = args.batch_sizes
-        set_params(clone, args, first, args.epochs)
+        set_params(clone, args, "whole", first, args.epochs)
         for stage in STAGES:
-            steps.run(stage, [python, "-m", "dvc", "repro", "--single-item", stage], clone, env)
-            results |= summarize(read_stats(stats_file), floors, args.batch_sizes)
-            save()
+            step(stage, [python, "-m", "dvc", "repro", "--single-item", stage], clone, "whole")
         results["metrics"] = json.loads((clone / "metrics" / "metrics.json").read_text())["test"]
         results["pipeline_wall_s"] = round(sum(results["stages"][s]["wall_s"] for s in STAGES), 1)
-        for batch_size in more:  # phase 2 alone at a larger batch: its throughput, nothing kept
-            set_params(clone, args, batch_size, args.extra_epochs)
-            steps.run(f"fine_tune at batch {batch_size}", [python, "-m", "stages.fine_tune"], clone, env)
-        for batch_size in args.batch_sizes:
-            result = work / f"floor-{batch_size}.json"
-            steps.run(f"floor at batch {batch_size}", [python, Path(__file__).resolve(), "--floor-worker", batch_size,
-                                                       "--result", result, "--image-size", args.image_size, "--lr",
-                                                       args.lr, "--floor-steps", args.floor_steps], ROOT, env)
-            floors[batch_size] = json.loads(result.read_text())
-        results["floor"] = floors
-        results |= summarize(read_stats(stats_file), floors, args.batch_sizes)
+        # Phase 2 alone (nothing kept): the whole network at the further batch sizes, then the other paths.
+        for path, batch_size in [("whole", b) for b in more] + [(p, first) for p in args.paths]:
+            set_params(clone, args, path, batch_size, args.extra_epochs)
+            step(f"fine_tune {path} at batch {batch_size}", [python, "-m", "stages.fine_tune"], clone, path, alone=True)
+        for block, batch_size in dict.fromkeys((p["unfreeze_from"], p["batch_size"]) for p in results["paths"]):
+            result = work / f"floor-{block}-{batch_size}.json"
+            step(f"floor {block} at batch {batch_size}",
+                 [python, Path(__file__).resolve(), "--floor-worker", batch_size, "--floor-block", block, "--result",
+                  result, "--image-size", args.image_size, "--lr", args.lr, "--floor-steps", args.floor_steps], ROOT)
+            floors.setdefault(block, {})[batch_size] = json.loads(result.read_text())
+        results |= summarize(stats, floors)
         status = 0
     except StepFailed as exc:
         results["failed"] = str(exc)
@@ -295,12 +346,15 @@ def report(results: dict) -> str:
         peak = stage.get("peak_device_memory_bytes")
         lines.append(f"  {name:<15}{stage['wall_s']:>8.1f} s  peak device memory "
                      + (f"{peak / 2**30:.2f} GiB" if peak else "n/a"))
-    for phase in results.get("phases", []):
-        lines.append(f"  {phase['phase']} at batch {phase['batch_size']}: {phase['train_images_per_s']} images/s "
-                     f"(training steps; mixed precision {phase['mixed_precision']}, XLA {phase['jit_compile']})")
-    for b, floor in results.get("floor", {}).items():
-        lines.append(f"  floor at batch {b}: {floor['train_images_per_s']} images/s; phase 2 / floor "
-                     f"{results['phase2_over_floor'].get(b)}")
+    for phase in (p for p in results.get("phases", []) if p["phase"] == "train_head"):
+        lines.append(f"  phase 1 at batch {phase['batch_size']}: {phase['train_images_per_s']} images/s "
+                     f"(mixed precision {phase['mixed_precision']}, XLA {phase['jit_compile']})")
+    for run in results.get("paths", []):
+        cache = f", {run['cache_dtype']} cache" if run["cache_dtype"] else ""
+        lines.append(f"  phase 2 {run['path']:<19} at batch {run['batch_size']}: {run['train_images_per_s']} images/s, "
+                     f"floor {run['floor_images_per_s']}, phase 2 / floor {run['floor_ratio']} (from "
+                     f"{run['unfreeze_from']}{cache}, augment {run['augment']}, mixed precision "
+                     f"{run['mixed_precision']}, XLA {run['jit_compile']})")
     if "metrics" in results:
         m = results["metrics"]
         lines.append(f"  test: ROC AUC {m['roc_auc']}, accuracy {m['accuracy']}, sensitivity {m['recall']}, "
@@ -313,12 +367,13 @@ def report(results: dict) -> str:
 # ---------------------------------------------------------------- the floor (its own process)
 
 def floor_worker(args) -> None:
-    """Phase 2's network and compile settings on one device-resident batch, through fit: no input pipeline."""
-    import time as clock
-
+    """What phase 2 trains from args.floor_block, its compile settings, through fit on one device-resident batch
+    (pixels, or the frozen prefix's activations in CACHE_DTYPE): no input pipeline. Timed as the stages are
+    (train.Throughput), the first epoch's compiles left out."""
     import keras
     import numpy as np
 
+    from pneumonia import devicestats
     from pneumonia import model as model_lib
     from pneumonia import train
     from pneumonia.params import ComputeParams
@@ -327,59 +382,39 @@ def floor_worker(args) -> None:
     runtime = train.configure(42, ComputeParams())  # auto: mixed precision and XLA with a GPU, as the stages
     with runtime.scope():
         net = model_lib.build(args.image_size, "none", 0.2)
-        model_lib.set_trainable(net, "conv1", train_batchnorm=True)  # what fine_tune trains with weights none
-        net.compile(optimizer=keras.optimizers.Adam(args.lr), loss=keras.losses.BinaryCrossentropy(),
-                    metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
-                    jit_compile=runtime.jit_compile)
+        model_lib.set_trainable(net, args.floor_block, train_batchnorm=True)  # as fine_tune with weights none
+        prefix, part = model_lib.split(net, args.floor_block)
+        part.compile(optimizer=keras.optimizers.Adam(args.lr), loss=keras.losses.BinaryCrossentropy(),
+                     metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+                     jit_compile=runtime.jit_compile)
     rng = np.random.default_rng(0)
     labels = (rng.random(batch) < 0.74).astype("int32")
     weights = train.class_weights(np.r_[labels, 0, 1])  # PneumoniaMNIST-like imbalance, both classes present
-    x = keras.ops.convert_to_tensor(rng.integers(0, 256, (batch, args.image_size, args.image_size, 1), dtype="uint8"))
-    y = keras.ops.convert_to_tensor(labels)
+    x = rng.integers(0, 256, (batch, args.image_size, args.image_size, 1), dtype="uint8")
+    if prefix is not None:
+        x = keras.ops.convert_to_numpy(prefix.predict_on_batch(x)).astype(CACHE_DTYPE)
+    x, y = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(labels)
     w = keras.ops.convert_to_tensor(np.array([weights[int(v)] for v in labels], "float32"))
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        data = tf.data.Dataset.from_tensors((x, y, w)).repeat().prefetch(2)
-        val = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
+        data, val = (tf.data.Dataset.from_tensors(item).repeat().prefetch(2) for item in ((x, y, w), (x, y)))
     else:
-        def data_gen():
+        def forever(item):
             while True:
-                yield x, y, w
+                yield item
 
-        def val_gen():
-            while True:
-                yield x, y
-
-        data, val = data_gen(), val_gen()
-
-    class EpochTimes(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.times = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start = clock.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            float(logs["loss"])  # waits for the last step
-            self.times.append(clock.perf_counter() - self.start)
-
-    timer = EpochTimes()
-    net.fit(data, steps_per_epoch=args.floor_steps, epochs=3, verbose=0, callbacks=[timer])  # epoch 1 compiles
-    net.evaluate(val, steps=args.floor_steps, verbose=0)  # compiles the test step
-    start = clock.perf_counter()
-    net.evaluate(val, steps=args.floor_steps, verbose=0)
-    val_s = clock.perf_counter() - start
-    steady = min(timer.times[1:])
-    result = {"batch_size": batch, "steps_per_epoch": args.floor_steps, "epoch_s": [round(t, 3) for t in timer.times],
-              "train_images_per_s": round(batch * args.floor_steps / steady, 1),
-              "val_images_per_s": round(batch * args.floor_steps / val_s, 1),
-              "mixed_precision": runtime.mixed_precision, "jit_compile": runtime.jit_compile,
-              "backend": keras.backend.backend()}
-    from pneumonia import devicestats
-
-    result["peak_device_memory_bytes"] = devicestats.peak_memory_bytes()
+        data, val = forever((x, y, w)), forever((x, y))
+    timer = train.Throughput()
+    part.fit(data, steps_per_epoch=args.floor_steps, epochs=3, validation_data=val, validation_steps=args.floor_steps,
+             shuffle=False, verbose=0, callbacks=[timer])
+    images = batch * args.floor_steps
+    val_s = timer.val_s[1:]
+    result = timer.entry("floor", images, batch) | {
+        "unfreeze_from": args.floor_block, "steps_per_epoch": args.floor_steps,
+        "val_images_per_s": round(images * len(val_s) / sum(val_s), 1),
+        "mixed_precision": runtime.mixed_precision, "jit_compile": bool(part.jit_compile),
+        "backend": keras.backend.backend(), "peak_device_memory_bytes": devicestats.peak_memory_bytes()}
     Path(args.result).write_text(json.dumps(result))
 
 

@@ -1,5 +1,6 @@
 """make gpu-check, dry run on CPU at tiny settings: every step runs, bounded and logged, and the results hold
 what the README's GPU section quotes. (The GPU figures themselves come only from a GPU.)"""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -16,14 +17,14 @@ def _outputs_and_params() -> dict:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.is_file()}
 
 
-def test_gpu_check_runs_the_whole_pipeline_and_the_floor_and_writes_its_results(tmp_path):
+def test_gpu_check_runs_the_pipeline_every_phase_2_path_and_their_floors_and_writes_its_results(tmp_path):
     npz = synthetic.write(tmp_path / "pneumoniamnist.npz", sizes=synthetic.PIPELINE_SIZES)
     out = tmp_path / "results_gpu.json"
     before = _outputs_and_params()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--allow-cpu", "--data", str(npz), "--out", str(out),
-         "--image-size", "32", "--head-epochs", "1", "--epochs", "2", "--batch-sizes", "32,64", "--extra-epochs", "1",
-         "--floor-steps", "2", "--step-timeout", "900"],
+         "--image-size", "32", "--head-epochs", "1", "--epochs", "1", "--batch-sizes", "32,64", "--extra-epochs", "1",
+         "--views", "2", "--floor-steps", "2", "--step-timeout", "900"],
         cwd=ROOT, capture_output=True, text=True, timeout=2400, env=synthetic.small_splits_env(),
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -32,18 +33,42 @@ def test_gpu_check_runs_the_whole_pipeline_and_the_floor_and_writes_its_results(
     assert list(results["stages"]) == ["download", "resize", "train_head", "fine_tune", "evaluate", "error_analysis"]
     assert all(stage["wall_s"] > 0 for stage in results["stages"].values())
     assert results["pipeline_wall_s"] <= results["total_wall_s"]
-    phases = {(p["phase"], p["batch_size"]): p for p in results["phases"]}
-    assert set(phases) == {("train_head", 32), ("fine_tune", 32), ("fine_tune", 64)}
-    assert phases[("fine_tune", 32)]["epochs"] == 2 and len(phases[("fine_tune", 32)]["val_s_per_epoch"]) == 2
+    # Every devicestats phase entry is tagged with its path; the pipeline's keep their phase and batch size.
+    phases = {(p["path"], p["phase"], p["batch_size"]): p for p in results["phases"]}
+    assert list(phases) == [("whole", "train_head", 32), ("whole", "fine_tune", 32), ("whole", "fine_tune", 64),
+                            ("cached-conv5", "fine_tune", 32), ("cached-conv5-views", "fine_tune", 32),
+                            ("whole-augmented", "fine_tune", 32)]
+    assert all(p["epochs"] == len(p["train_s_per_epoch"]) == len(p["val_s_per_epoch"]) == 1 for p in phases.values())
     for phase in phases.values():
         assert phase["train_images_per_s"] > 0 and phase["train_images"] == synthetic.PIPELINE_SIZES["train"]
         assert phase["mixed_precision"] is False and phase["jit_compile"] is False  # CPU: both auto-off
-    for batch in ("32", "64"):
-        floor = results["floor"][batch]
-        assert floor["train_images_per_s"] > 0 and floor["val_images_per_s"] > 0 and len(floor["epoch_s"]) == 3
-        assert results["phase2_over_floor"][batch] > 0
+    # Each phase-2 run: its path, what the stage trained, what Keras compiled, its floor.
+    runs = [(r["path"], r["batch_size"], r["epochs"], r["unfreeze_from"], r["augment"], r["cache_dtype"])
+            for r in results["paths"]]
+    assert runs == [("whole", 32, 1, "conv1", "none", None), ("whole", 64, 1, "conv1", "none", None),
+                    ("cached-conv5", 32, 1, "conv5_block1", "none", "float16"),
+                    ("cached-conv5-views", 32, 1, "conv5_block1", "2 cached views", "float16"),
+                    ("whole-augmented", 32, 1, "conv1", "on the fly", None)]
+    for run in results["paths"]:
+        assert run["train_images_per_s"] > 0 and run["wall_s"] > 0 and run["floor_ratio"] > 0
+        phase = phases[(run["path"], "fine_tune", run["batch_size"])]  # its Throughput entry: what Keras compiled
+        assert run["mixed_precision"] is phase["mixed_precision"] is False
+        assert run["jit_compile"] is phase["jit_compile"]
+        floor = results["floor"][run["unfreeze_from"]][str(run["batch_size"])]
+        assert run["floor_images_per_s"] == floor["train_images_per_s"]
+    assert results["phase2_over_floor"] == {"32": results["paths"][0]["floor_ratio"],
+                                            "64": results["paths"][1]["floor_ratio"]}
+    assert {block: sorted(floors) for block, floors in results["floor"].items()} == {"conv1": ["32", "64"],
+                                                                                     "conv5_block1": ["32"]}
+    for block, floors in results["floor"].items():
+        for floor in floors.values():
+            assert floor["unfreeze_from"] == block and len(floor["train_s_per_epoch"]) == 3
+            assert floor["train_images_per_s"] > 0 and floor["val_images_per_s"] > 0
+            assert floor["mixed_precision"] is False and floor["jit_compile"] is False
     assert 0 <= results["metrics"]["roc_auc"] <= 1
-    assert "floor at batch 64" in proc.stdout and "phase 2 / floor" in proc.stdout
+    for name in ("whole ", "cached-conv5 ", "cached-conv5-views", "whole-augmented"):
+        assert f"phase 2 {name}" in proc.stdout
+    assert "phase 2 / floor" in proc.stdout
     # It ran in a copy: this project's params and outputs are as they were.
     assert _outputs_and_params() == before
 
@@ -59,3 +84,14 @@ def test_a_step_past_its_timeout_is_killed_and_the_run_says_so(tmp_path):
     results = json.loads(out.read_text())
     assert proc.returncode == 1 and "ran past 3 s and was killed" in results["failed"]
     assert "FAILED" in proc.stdout and results["total_wall_s"] < 120
+
+
+def test_untagged_phase_entries_read_as_the_pipeline_whole_network_path():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    older = [{"phase": "fine_tune", "batch_size": 32, "epochs": 20, "train_images_per_s": 50.0,
+              "mixed_precision": True, "jit_compile": True}]
+    summary = gpu_check.summarize(older, {"conv1": {32: {"train_images_per_s": 200.0}}})
+    assert summary["paths"][0] | {"floor_ratio": 0.25} == summary["paths"][0]
+    assert summary["paths"][0]["path"] == "whole" and summary["phase2_over_floor"] == {32: 0.25}
