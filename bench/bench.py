@@ -298,7 +298,8 @@ def full_data(args) -> dict:
             start = time.perf_counter()
             with open(log, "w") as f:
                 proc = subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=work, stdout=f, stderr=subprocess.STDOUT,
-                                        env=child_env(PYTHONPATH=str(ROOT)))
+                                        env=child_env(PYTHONPATH=os.pathsep.join(
+                                            filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))))
                 _, status, usage = os.wait4(proc.pid, 0)
             if os.waitstatus_to_exitcode(status) != 0:
                 tail = log.read_text().splitlines()[-40:]

@@ -20,7 +20,7 @@ def test_bench_runs_and_writes_every_field(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench.py"), "--data", str(npz), "--out", str(out), "--image-size", "32",
-         "--train", "32", "--val", "16", "--epochs", str(EPOCHS), "--floor-epochs", "1", "--repeats", "1"],
+         "--train", "32", "--val", "16", "--epochs", str(EPOCHS), "--floor-epochs", "1", "--repeats", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -31,7 +31,7 @@ def test_bench_runs_and_writes_every_field(tmp_path):
     assert results["machine"]["cpus"] >= 1 and results["machine"]["backend"]
     config = results["config"]
     assert (config["image_size"], config["train_images"], config["val_images"], config["epochs"]) == (32, 32, 16, EPOCHS)
-    assert config["weights"] == "none" and config["repeats_of_a_and_floor"] == 1
+    assert config["weights"] == "none" and config["repeats_of_a_and_floor"] == 2
     # stratified: both classes in both subsets
     for split in ("train", "val"):
         assert 0 < config["subset"][split]["pneumonia"] < config["subset"][split]["images"]
