@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from pneumonia.errors import PipelineError
-from pneumonia.predict import read_operating_point, read_tta
+from pneumonia.files import read_operating_point, read_tta
 
 SIGNATURE = "serve"
 

@@ -42,7 +42,7 @@ from PIL import Image, ImageOps
 from pneumonia import params as params_lib
 from pneumonia.data import resize_images
 from pneumonia.errors import PipelineError
-from pneumonia.files import read_operating_point, read_tta, write_text  # noqa: F401 (export imports them here)
+from pneumonia.files import read_operating_point, read_tta, write_text
 
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
 FIELDS = ("file", "probability", "decision", "threshold", "error")
