@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
@@ -278,28 +278,38 @@ def checkpoint_interval() -> float:
     return float(os.environ.get("PNEUMONIA_CHECKPOINT_EVERY_S", DEFAULT_CHECKPOINT_EVERY_S))
 
 
+@dataclass
+class ResumeState:
+    """What an interrupted run continues from, besides the model's and optimizer's variables (restored in place):
+    the epochs it finished, each one's logs (DVC deletes dvclive/ before a rerun, so the curves so far come from
+    here), and the kept-epoch tracker's best score, wait count, best epoch and best weights. A fresh run's is empty."""
+    epochs_done: int = 0
+    history: list = field(default_factory=list)
+    early: dict | None = None
+    best_weights: list | None = None
+
+
 class KeepBest(keras.callbacks.EarlyStopping):
     """The kept epoch: early stopping on validation AUC or loss, restoring that epoch's weights, or the last epoch.
 
-    It can start from a saved state (a resumed run).
+    A resumed run's tracker starts from its ResumeState.
     """
 
-    def __init__(self, keep: str, patience: int, epochs: int):
+    def __init__(self, keep: str, patience: int, epochs: int, resumed: ResumeState | None = None):
         if keep == "last":  # every epoch runs; the weights at the end are the ones kept
             super().__init__(monitor="val_auc", mode="max", patience=epochs + 1, restore_best_weights=False)
         else:
             super().__init__(monitor=keep, mode="max" if keep == "val_auc" else "min", patience=patience,
                              restore_best_weights=True)
-        self.keep = keep
-        self.resume_state = None
+        self.keep, self.resumed = keep, resumed
 
     def kept_epoch(self, epochs_run: int) -> int:
         return epochs_run - 1 if self.keep == "last" else int(self.best_epoch)
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)  # resets the state
-        if self.resume_state is not None:
-            state, self.best_weights = self.resume_state
+        if self.resumed is not None and self.resumed.early is not None:
+            state, self.best_weights = self.resumed.early, self.resumed.best_weights
             self.best, self.wait, self.best_epoch = state["best"], state["wait"], state["best_epoch"]
 
     def state(self) -> dict:
@@ -307,53 +317,55 @@ class KeepBest(keras.callbacks.EarlyStopping):
                 "best_epoch": int(self.best_epoch)}
 
 
+def _latest_checkpoint(folder: Path) -> Path | None:
+    done = sorted(Path(folder).glob("epoch-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+    return done[-1] if done else None
+
+
+def restore_checkpoint(folder: Path, model: keras.Model, runtime: Runtime) -> ResumeState:
+    """Load the latest checkpoint in `folder`: its variables into `model` and its optimizer (matched by path), the
+    rest returned. No checkpoint: an empty state.
+
+    A checkpoint whose variables do not match the model's by path and shape (another runtime: mixed precision's
+    loss scaling adds optimizer variables) or cannot be read is deleted, and training starts afresh.
+    """
+    latest = _latest_checkpoint(folder)
+    if latest is None:
+        return ResumeState()
+    with runtime.scope():  # optimizer variables made under a strategy must be made in its scope
+        model.optimizer.build(model.trainable_variables)
+    named = _named_variables(model)
+    try:
+        state = json.loads((latest / "state.json").read_text())
+        with np.load(latest / "variables.npz") as saved:
+            stored = {k for k in saved.files if not k.startswith("best/")}
+            if stored != set(named) or any(saved[k].shape != tuple(v.shape) for k, v in named.items()):
+                raise ValueError("its variables are not this model's")
+            with runtime.scope():
+                for key, variable in named.items():
+                    variable.assign(saved[key])
+            best = [saved[f"best/{i}"] for i in range(state["best_weights"])] if state["best_weights"] else None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        print(f"  discarding the checkpoint {latest} ({exc}); training starts afresh", flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        return ResumeState()
+    return ResumeState(state["epoch"], state["history"], state["early"], best)
+
+
 class Checkpoint(keras.callbacks.Callback):
     """Everything the next epoch depends on, written at an epoch end at most every checkpoint_interval() seconds.
 
     A checkpoint holds every model variable (weights, BatchNorm statistics and dropout's random-generator state,
-    which `save_weights` leaves out), the optimizer's variables, EarlyStopping's best score, weights and wait
-    count, and every finished epoch's logs (DVC deletes dvclive/ before a rerun, so the curves so far must come
-    from here). Each one is written to a temporary folder and renamed, so a kill mid-write leaves the previous one.
+    which `save_weights` leaves out) and the optimizer's, by path, and the rest of a ResumeState: the tracker's
+    state and best weights, and every finished epoch's logs (`history`, which LiveMetrics fills). Each one is
+    written to a temporary folder and renamed, so a kill mid-write leaves the previous one; restore_checkpoint
+    reads it back.
     """
 
     def __init__(self, folder: Path, early: KeepBest, history: list):
         super().__init__()
         self.folder, self.early, self.history = Path(folder), early, history
         self._last_write = time.monotonic()
-
-    def _latest(self) -> Path | None:
-        done = sorted(self.folder.glob("epoch-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
-        return done[-1] if done else None
-
-    def restore(self, model: keras.Model, runtime: Runtime) -> int:
-        """Load the latest checkpoint into `model`, the callbacks and the history; return the epochs it finished.
-
-        A checkpoint whose variables do not match the model's by path and shape (another runtime: mixed
-        precision's loss scaling adds optimizer variables) or cannot be read is deleted, and training starts afresh.
-        """
-        latest = self._latest()
-        if latest is None:
-            return 0
-        with runtime.scope():  # optimizer variables made under a strategy must be made in its scope
-            model.optimizer.build(model.trainable_variables)
-        named = _named_variables(model)
-        try:
-            state = json.loads((latest / "state.json").read_text())
-            with np.load(latest / "variables.npz") as saved:
-                stored = {k for k in saved.files if not k.startswith("best/")}
-                if stored != set(named) or any(saved[k].shape != tuple(v.shape) for k, v in named.items()):
-                    raise ValueError("its variables are not this model's")
-                with runtime.scope():
-                    for key, variable in named.items():
-                        variable.assign(saved[key])
-                best = [saved[f"best/{i}"] for i in range(state["best_weights"])] if state["best_weights"] else None
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-            print(f"  discarding the checkpoint {latest} ({exc}); training starts afresh", flush=True)
-            shutil.rmtree(self.folder, ignore_errors=True)
-            return 0
-        self.early.resume_state = (state["early"], best)
-        self.history[:] = state["history"]
-        return state["epoch"]
 
     def on_epoch_end(self, epoch, logs=None):
         last = epoch + 1 == self.params["epochs"] or self.model.stop_training  # training ends here anyway
@@ -476,10 +488,11 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
             metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
             jit_compile=runtime.jit_compile,
         )
-    early, history = KeepBest(keep, patience, epochs), []
-    checkpoint = Checkpoint(backup_dir, early, history) if backup_dir is not None else None
     # No checkpoint is written after the last epoch, so a resumed run always has epochs left to train.
-    start = batches.epoch = checkpoint.restore(trainable, runtime) if checkpoint else 0
+    resumed = restore_checkpoint(backup_dir, trainable, runtime) if backup_dir is not None else ResumeState()
+    start = batches.epoch = resumed.epochs_done  # the batch orders and augmentation continue from there
+    early, history = KeepBest(keep, patience, epochs, resumed), resumed.history
+    checkpoint = Checkpoint(backup_dir, early, history) if backup_dir is not None else None
     if start:
         print(f"  resuming an interrupted run after epoch {start} from {backup_dir}", flush=True)
     # What Keras really compiled: it drops XLA for a layer without jit support or under op determinism.
