@@ -111,10 +111,12 @@ class EvaluateParams:
     # platt: the lowest 5-fold cross-validated NLL on validation of the three, over the reference runs (README)
     calibration: Literal["temperature", "platt", "none"] = "platt"
     # The share of pneumonia the calibrated probabilities are for: the log-odds move by logit(prevalence) -
-    # logit(validation's share) after the fit (metrics.prevalence_shift). Default validation: no shift, as before.
-    # No other number follows from the data: training's share equals validation's, and test's is a property of
-    # that test set (choosing it would fit test); a number states the population the model is deployed to.
-    prevalence: float | Literal["validation"] = "validation"
+    # logit(validation's share) after the fit (metrics.prevalence_shift); validation: no shift.
+    # Default 0.5, even odds: validation's 74% (training's too) is how the dataset was collected, not a
+    # population, and test's share is a property of that test set (choosing it would fit test). At 0.5 the
+    # probability is LR / (1 + LR) for the likelihood ratio LR, which any population's prior odds multiply;
+    # a number states the population the model is deployed to.
+    prevalence: float | Literal["validation"] = 0.5
     bootstrap: BootstrapParams = field(default_factory=BootstrapParams)
     # Test-time augmentation: each validation and test logit is the mean over this many views, the image and
     # tta - 1 fixed transformations drawn with augment's ranges (pneumonia.augment.tta_views); 1: off.

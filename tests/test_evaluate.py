@@ -92,7 +92,7 @@ def test_evaluate_calibrates_for_the_stated_prevalence_and_predict_applies_the_s
     assert set(test["npv_at_prevalence"]) == {"5pct", "20pct", "50pct"}
     assert {f"{m}_ci" for m in metrics.CI_METRICS} <= set(test)
 
-    unshifted, *_ = _run_evaluate(tmp_path / "validation", bootstrap={"samples": 0})
+    unshifted, *_ = _run_evaluate(tmp_path / "validation", prevalence="validation", bootstrap={"samples": 0})
     assert unshifted["calibration"]["prevalence"] == round(share, 4) and unshifted["calibration"]["prevalence_shift"] == 0
     assert unshifted["calibration"]["offset"] == fitted and "recall_ci" not in unshifted["test"]
     # A monotone shift moves the threshold with the scores: the same images are flagged.
@@ -115,14 +115,20 @@ def test_model_card_states_the_prevalence_and_the_predictive_values(tmp_path):
     for key, shown in (("5pct", "5%"), ("20pct", "20%"), ("50pct", "50%")):
         assert f"| {shown} | {100 * ppv[key]:.1f}% | {100 * npv[key]:.1f}% |" in text
     assert "The test split is 62.5% pneumonia" in text
+    assert f"Temperature scaling fitted on validation logits: T = {cal['temperature']}" in text
     assert "The probabilities are for a population with 20.0% pneumonia (evaluate.prevalence)" in text
     assert f"= {cal['prevalence_shift']:.4g}, so p = sigmoid({cal['scale']:.4g} * logit - {-cal['offset']:.4g})" in text
     assert "resamples of validation and test together" in text and "re-chooses the threshold" in text
 
-    result, _, _, params = _run_evaluate(tmp_path / "platt", bootstrap={"samples": 0})
+    result, _, _, params = _run_evaluate(tmp_path / "platt", prevalence="validation", bootstrap={"samples": 0})
     text = card.render(result, params, record, provenance)
     assert f"Platt scaling fitted on validation logits: sigmoid({result['calibration']['scale']:.4g} * logit" in text
     assert "The probabilities are for validation's share of pneumonia" in text and "No bootstrap intervals" in text
+
+    result, _, _, params = _run_evaluate(tmp_path / "default", bootstrap={"samples": 0})  # the default: even odds
+    assert result["calibration"]["prevalence"] == 0.5
+    assert "The probabilities are for a population with 50.0% pneumonia (evaluate.prevalence)" in \
+        card.render(result, params, record, provenance)
 
 
 def test_test_time_augmentation_is_recorded_for_predict_and_stated_in_the_model_card(tmp_path):

@@ -142,7 +142,7 @@ def test_schedule_keep_and_skipping_phase_1():
 
 
 def test_prevalence_is_a_share_or_validation():
-    assert params_lib.Params().evaluate.prevalence == "validation"  # no shift unless a population is stated
+    assert params_lib.Params().evaluate.prevalence == 0.5  # even odds, not validation's collected 74%
     for value in (0.05, 0.5, 0.999, "validation"):
         assert params_lib.from_dict({"evaluate": {"prevalence": value}}).evaluate.prevalence == value
     with pytest.raises(PipelineError, match=r"^params: evaluate.prevalence is 'train'; it must be a share of pneumonia "
