@@ -74,11 +74,12 @@ recipe: $(VENV)/.runtime
 		-S train_head.epochs=0 -S fine_tune.epochs=10 -S fine_tune.lr=1e-3 -S fine_tune.patience=10 \
 		-S fine_tune.keep=val_loss -S fine_tune.schedule=cosine -S augment.enabled=true $(RECIPE_ARGS)
 
+# Two workers: most of a test's time is single-threaded (process start-up, imports, tracing, DVC itself).
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
 
 test-fast: $(VENV)/.dev
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n 2 -m "not slow"
 
 exps: $(VENV)/.runtime
 	$(BIN)/$(EXP_SHOW)

@@ -152,6 +152,16 @@ def fastest(variant: str, runs: list[dict]) -> dict:
     return best
 
 
+def run_variants(phase: int, spec: dict, work: Path, repeats: int) -> dict:
+    """Each variant of a phase; a and the floor `repeats` times, interleaved with the others, the fastest counting."""
+    runs = {v: [] for v in VARIANTS}
+    for repeat in range(max(1, repeats)):
+        for v in VARIANTS:
+            if v in ("a", "floor") or repeat == 0:
+                runs[v].append(run_worker(f"{v}{phase}", spec, work))
+    return {v: fastest(v, r) for v, r in runs.items()}
+
+
 def save_results(path, update: dict) -> dict:
     """Merge `update` into the results file: the timing run and the --full-data run each replace only their own keys."""
     out = Path(path)
@@ -345,12 +355,7 @@ def orchestrate(args) -> dict:
         phases = {}
         for phase in (1, 2):
             print(f"bench: phase {phase}", flush=True)
-            runs = {v: [] for v in VARIANTS}
-            for repeat in range(max(1, args.repeats)):
-                for v in VARIANTS:
-                    if v in ("a", "floor") or repeat == 0:
-                        runs[v].append(run_worker(f"{v}{phase}", spec, work))
-            phases[f"phase{phase}"] = {v: fastest(v, r) for v, r in runs.items()}
+            phases[f"phase{phase}"] = run_variants(phase, spec, work, args.repeats)
         estimate = phases["phase2"]["floor"].pop("memory_estimate")
         env = phases["phase1"]["a"].pop("environment")
         for res in phases.values():

@@ -19,7 +19,8 @@ TINY = {
     "model": {"weights": "none", "dropout": 0.2},
     "train_head": {"epochs": 1},
     # conv5_block1, not auto (conv1 without weights): an epoch of the whole network is four times slower.
-    "fine_tune": {"epochs": 1, "lr": 1e-4, "unfreeze_from": "conv5_block1"},
+    # 2 epochs: the trained project is also the uninterrupted run a killed and resumed one must equal.
+    "fine_tune": {"epochs": 2, "lr": 1e-4, "unfreeze_from": "conv5_block1"},
     "evaluate": {"bootstrap": {"samples": 50}},
     "error_analysis": {"cases": 4},
 }
@@ -126,7 +127,25 @@ SLOW_FIXTURES = {"repo", "trained_repo", "trained_template"}
 SLOW_MODULES = {"test_backends", "test_bench", "test_gpu_check"}
 
 
+# `make test` runs the tests on two pytest-xdist workers (--dist loadgroup). The tests of the trained project
+# form one group, so one worker trains it once and runs them; the longest other tests go first, so that
+# neither worker is left with a long test at the end.
+TRAINED_FIXTURES = {"trained_repo", "trained_template"}
+LONGEST_FIRST = ("test_gpu_check", "test_backends", "test_bench")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & fixtures or item.module.__name__ in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+        if TRAINED_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.xdist_group("trained"))
+
+    def rank(item):
+        if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            return 0
+        name = item.module.__name__
+        return 1 + LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST) + 1
+
+    items.sort(key=rank)  # stable: the collection order within each rank

@@ -23,7 +23,7 @@ def test_gpu_check_runs_the_pipeline_every_phase_2_path_and_their_floors_and_wri
     before = _outputs_and_params()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--allow-cpu", "--data", str(npz), "--out", str(out),
-         "--image-size", "32", "--head-epochs", "1", "--epochs", "1", "--batch-sizes", "32,64", "--extra-epochs", "1",
+         "--image-size", "32", "--head-epochs", "1", "--epochs", "1", "--batch-sizes", "32", "--extra-epochs", "1",
          "--views", "2", "--floor-steps", "2", "--step-timeout", "900"],
         cwd=ROOT, capture_output=True, text=True, timeout=2400, env=synthetic.small_splits_env(),
     )
@@ -35,7 +35,9 @@ def test_gpu_check_runs_the_pipeline_every_phase_2_path_and_their_floors_and_wri
     assert results["pipeline_wall_s"] <= results["total_wall_s"]
     # Every devicestats phase entry is tagged with its path; the pipeline's keep their phase and batch size.
     phases = {(p["path"], p["phase"], p["batch_size"]): p for p in results["phases"]}
-    assert list(phases) == [("whole", "train_head", 32), ("whole", "fine_tune", 32), ("whole", "fine_tune", 64),
+    # One batch size here (each one more is a whole-network run and its floor, minutes on CPU);
+    # test_further_batch_sizes_each_get_their_own_floor covers more.
+    assert list(phases) == [("whole", "train_head", 32), ("whole", "fine_tune", 32),
                             ("cached-conv5", "fine_tune", 32), ("cached-conv5-views", "fine_tune", 32),
                             ("whole-augmented", "fine_tune", 32)]
     assert all(p["epochs"] == len(p["train_s_per_epoch"]) == len(p["val_s_per_epoch"]) == 1 for p in phases.values())
@@ -45,7 +47,7 @@ def test_gpu_check_runs_the_pipeline_every_phase_2_path_and_their_floors_and_wri
     # Each phase-2 run: its path, what the stage trained, what Keras compiled, its floor.
     runs = [(r["path"], r["batch_size"], r["epochs"], r["unfreeze_from"], r["augment"], r["cache_dtype"])
             for r in results["paths"]]
-    assert runs == [("whole", 32, 1, "conv1", "none", None), ("whole", 64, 1, "conv1", "none", None),
+    assert runs == [("whole", 32, 1, "conv1", "none", None),
                     ("cached-conv5", 32, 1, "conv5_block1", "none", "float16"),
                     ("cached-conv5-views", 32, 1, "conv5_block1", "2 cached views", "float16"),
                     ("whole-augmented", 32, 1, "conv1", "on the fly", None)]
@@ -56,9 +58,8 @@ def test_gpu_check_runs_the_pipeline_every_phase_2_path_and_their_floors_and_wri
         assert run["jit_compile"] is phase["jit_compile"]
         floor = results["floor"][run["unfreeze_from"]][str(run["batch_size"])]
         assert run["floor_images_per_s"] == floor["train_images_per_s"]
-    assert results["phase2_over_floor"] == {"32": results["paths"][0]["floor_ratio"],
-                                            "64": results["paths"][1]["floor_ratio"]}
-    assert {block: sorted(floors) for block, floors in results["floor"].items()} == {"conv1": ["32", "64"],
+    assert results["phase2_over_floor"] == {"32": results["paths"][0]["floor_ratio"]}
+    assert {block: sorted(floors) for block, floors in results["floor"].items()} == {"conv1": ["32"],
                                                                                      "conv5_block1": ["32"]}
     for block, floors in results["floor"].items():
         for floor in floors.values():
@@ -86,10 +87,30 @@ def test_a_step_past_its_timeout_is_killed_and_the_run_says_so(tmp_path):
     assert "FAILED" in proc.stdout and results["total_wall_s"] < 120
 
 
-def test_untagged_phase_entries_read_as_the_pipeline_whole_network_path():
+def _gpu_check_module():
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
+def test_further_batch_sizes_each_get_their_own_floor():
+    """--batch-sizes 32,128: the whole network at 128 is a run of its own, set against the floor at 128."""
+    gpu_check = _gpu_check_module()
+    assert gpu_check.parse_args(["--batch-sizes", "32,128"]).batch_sizes == [32, 128]
+    stats = [{"phase": "fine_tune", "path": path, "batch_size": batch, "unfreeze_from": block, "epochs": 2,
+              "train_images_per_s": speed} for path, batch, block, speed in
+             [("whole", 32, "conv1", 40.0), ("whole", 128, "conv1", 90.0), ("cached-conv5", 32, "conv5_block1", 300.0)]]
+    floors = {"conv1": {32: {"train_images_per_s": 80.0}, 128: {"train_images_per_s": 100.0}},
+              "conv5_block1": {32: {"train_images_per_s": 400.0}}}
+    summary = gpu_check.summarize(stats, floors)
+    assert [(p["path"], p["batch_size"], p["floor_images_per_s"], p["floor_ratio"]) for p in summary["paths"]] == [
+        ("whole", 32, 80.0, 0.5), ("whole", 128, 100.0, 0.9), ("cached-conv5", 32, 400.0, 0.75)]
+    assert summary["phase2_over_floor"] == {32: 0.5, 128: 0.9}  # the whole network's, per batch size
+
+
+def test_untagged_phase_entries_read_as_the_pipeline_whole_network_path():
+    gpu_check = _gpu_check_module()
     older = [{"phase": "fine_tune", "batch_size": 32, "epochs": 20, "train_images_per_s": 50.0,
               "mixed_precision": True, "jit_compile": True}]
     summary = gpu_check.summarize(older, {"conv1": {32: {"train_images_per_s": 200.0}}})

@@ -94,13 +94,7 @@ def test_repro_experiments_metrics_and_plots(trained_repo):
     commit_vs_exp = repo.dvc("metrics", "diff", "--all", "HEAD", "fine-lr").stdout
     assert "test.roc_auc" in commit_vs_exp and "metrics/metrics.json" in commit_vs_exp
 
-    out = repo.dvc("exp", "run", "-n", "sens90", "-S", "evaluate.threshold.target_sensitivity=0.9",
-                   "-S", "evaluate.calibration=temperature").stdout
-    assert _ran(out) == {"download", "evaluate", "error_analysis"}
-    calibration = json.loads((p / "metrics/metrics.json").read_text())["calibration"]
-    assert calibration["method"] == "temperature" and calibration["offset"] == 0
-    assert "Temperature scaling fitted on validation logits" in (p / "reports/model_card.md").read_text()
-
+    # (An evaluate param reruns evaluate and error_analysis only: tests/test_queue_and_remote.py's sweep.)
     # A param only error_analysis reads reruns only error_analysis, and the model card (evaluate's) stays as it is.
     card = (p / "reports/model_card.md").read_text()
     out = repo.dvc("exp", "run", "-n", "cases6", "-S", "error_analysis.cases=6").stdout
@@ -108,10 +102,8 @@ def test_repro_experiments_metrics_and_plots(trained_repo):
     assert (p / "reports/model_card.md").read_text() == card and "cases" not in card
 
     table = json.loads(repo.dvc("exp", "show", "--json").stdout)
-    assert {"slow-head", "fine-lr", "sens90", "cases6"} <= set(re.findall(r'"name": "([\w-]+)"', json.dumps(table)))
-    _readable_exp_show(repo, {"slow-head", "fine-lr", "sens90", "cases6"},
-                       {"lr", "fine_tune.lr", "evaluate.threshold.target_sensitivity", "evaluate.calibration",
-                        "error_analysis.cases"})
+    assert {"slow-head", "fine-lr", "cases6"} <= set(re.findall(r'"name": "([\w-]+)"', json.dumps(table)))
+    _readable_exp_show(repo, {"slow-head", "fine-lr", "cases6"}, {"lr", "fine_tune.lr", "error_analysis.cases"})
 
     plots = json.loads(repo.dvc("plots", "show", "--json").stdout)["data"]
     ids = set(plots)

@@ -36,16 +36,20 @@ def _experiments(shown: list) -> dict[str, dict]:
 
 
 def test_queued_sweep_runs_every_value(trained_repo):
-    """A sweep of an evaluate param through `dvc queue`: the queued runs rerun evaluate and error analysis only
-    (training is the same), in the background, one value each."""
+    """A sweep of evaluate params through `dvc queue`: the queued runs rerun evaluate and error analysis only
+    (training is the same), in the background, one value each, with the calibration the sweep sets."""
     baseline = trained_repo
-    out = baseline.dvc("exp", "run", "--queue", "-S", "evaluate.threshold.target_sensitivity=0.9,0.6").stdout
+    out = baseline.dvc("exp", "run", "--queue", "-S", "evaluate.threshold.target_sensitivity=0.9,0.6",
+                       "-S", "evaluate.calibration=temperature").stdout
     assert out.count("Queueing with overrides") == 2, out
     baseline.dvc("queue", "start", "--jobs", "1")
     status = _wait_for_queue(baseline)
     assert status.count("Success") == 2, status
 
     experiments = _experiments(json.loads(baseline.dvc("exp", "show", "--json").stdout))
+    for name in experiments:
+        log = baseline.dvc("queue", "logs", name).stdout
+        assert set(re.findall(r"Running stage '(\w+)'", log)) == {"download", "evaluate", "error_analysis"}, log[-2000:]
 
     def target(exp):
         return exp["params"]["params.yaml"]["data"]["evaluate"]["threshold"]["target_sensitivity"]
@@ -57,6 +61,9 @@ def test_queued_sweep_runs_every_value(trained_repo):
         test = exp["metrics"]["metrics/metrics.json"]["data"]["test"]
         assert 0 <= test["roc_auc"] <= 1 and test["tp"] + test["fn"] + test["tn"] + test["fp"] == synthetic.PIPELINE_SIZES["test"]
         recalls[value] = exp["metrics"]["metrics/metrics.json"]["data"]["val"]["recall"]
+        calibration = exp["metrics"]["metrics/metrics.json"]["data"]["calibration"]
+        assert calibration["method"] == "temperature" and calibration["temperature"] > 0
+        assert calibration["offset"] == calibration["prevalence_shift"]  # temperature fits no offset of its own
     assert recalls[0.9] >= 0.9 and recalls[0.9] > recalls[0.6] >= 0.6  # each run's own operating point
     assert "target_sensitivity: 0.95" in (baseline.path / "params.yaml").read_text()  # the workspace is untouched
 

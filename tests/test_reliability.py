@@ -37,10 +37,8 @@ def _stage_process(dvc_pid: int, stage: str):
 
 def test_a_stage_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(trained_repo):
     repo = trained_repo
+    uninterrupted = _results(repo)  # the trained project's own run: 2 fine_tune epochs, never interrupted
     repo.env["PNEUMONIA_CHECKPOINT_EVERY_S"] = "0"  # a checkpoint after every epoch (the default waits 30 s)
-    repo.set_params({"fine_tune": {"epochs": 2}})
-    repo.dvc("repro")
-    uninterrupted = _results(repo)
 
     # The same run again, killed (SIGTERM) once the checkpoint after epoch 1 exists: inside epoch 2.
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "-f", "-s", "fine_tune"], cwd=repo.path,
