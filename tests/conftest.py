@@ -146,6 +146,8 @@ def pytest_collection_modifyitems(config, items):
         if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
             return 0
         name = item.module.__name__
-        return 1 + LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST) + 1
+        if name in LONGEST_FIRST:
+            return 1 + LONGEST_FIRST.index(name)
+        return len(LONGEST_FIRST) + (1 if item.get_closest_marker("slow") else 2)  # the other slow ones next
 
     items.sort(key=rank)  # stable: the collection order within each rank

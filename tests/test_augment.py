@@ -38,6 +38,7 @@ def test_views_are_fixed_by_seed_view_and_chunk_and_change_the_images():
     assert np.corrcoef(first.ravel(), x.ravel())[0, 1] > mirrored + 0.05
 
 
+@pytest.mark.slow  # over 10 s: make test only
 def test_one_epoch_on_a_cached_augmented_view_equals_plain_fit_of_the_full_model_on_that_view(tmp_path):
     """The K-view route (prefix run once on view v, the suffix trained on its activations) is the same maths as
     `fit` of the whole model, frozen prefix included, on the augmented images of view v."""
@@ -132,6 +133,7 @@ def _fit_small(tmp_path, name, augment, stop_after=None, keep="last"):
     return net, val
 
 
+@pytest.mark.slow  # over 10 s: make test only
 def test_on_the_fly_augmentation_resumes_exactly_and_never_touches_validation(tmp_path, monkeypatch):
     monkeypatch.setenv("PNEUMONIA_CHECKPOINT_EVERY_S", "0")
     net, val = _fit_small(tmp_path, "uninterrupted", ON)

@@ -54,6 +54,7 @@ def _serve(path, pixels) -> dict:
     return {k: v.numpy() for k, v in signature(pixels=tf.constant(pixels)).items()}
 
 
+@pytest.mark.slow  # over 10 s: make test only
 def test_export_gives_the_keras_probabilities_and_predicts_calibration_and_decision(tiny, images, tmp_path, capsys):
     sources, pixels = images
     status, out, err = _export(tiny, tmp_path / "serving", capsys)
@@ -108,6 +109,7 @@ def test_an_output_that_is_not_an_export_is_left_alone(tiny, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["models"] and (tmp_path / "models" / "model.keras").exists()
 
 
+@pytest.mark.slow  # over 10 s: make test only
 def test_an_interrupted_export_keeps_the_earlier_one_and_a_rerun_replaces_it(tiny, tmp_path, capsys, monkeypatch):
     output = tmp_path / "serving"
     assert _export(tiny, output, capsys)[0] == 0

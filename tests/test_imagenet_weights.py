@@ -189,6 +189,7 @@ def test_a_file_put_in_the_keras_cache_as_the_error_advises_is_used_without_a_do
     assert_layer_equals_file(net, "conv4_block6_3_conv", file_values(weights_file)["conv4_block6_3_conv"])
 
 
+@pytest.mark.slow  # over 10 s: make test only
 def test_both_phases_from_imagenet_weights_train_conv5_and_the_head_and_keep_the_rest_as_loaded(
         weights_file, keras_home, monkeypatch, tmp_path):
     accept_file_hash(monkeypatch, weights_file)

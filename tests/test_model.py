@@ -53,6 +53,7 @@ def test_phase2_unfreezes_from_block_with_batchnorm_frozen(net):
     assert {"conv1_conv", "conv1_bn", "conv2_block1_1_conv"} <= _trainable_names(net)
 
 
+@pytest.mark.slow  # over 10 s: make test only
 def test_prefix_and_suffix_compose_to_the_model(net):
     x, _ = _images(8)
     for block in (None, "conv4_block1", "conv5_block1"):
@@ -97,6 +98,7 @@ def test_cache_runs_the_prefix_at_one_shape_and_drops_the_padding(net):
     np.testing.assert_allclose(cached, pooled, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # over 10 s: make test only
 def test_cached_activation_training_matches_full_model_fit(tmp_path):
     """One epoch on cached prefix activations == one epoch of plain fit on the whole model."""
     x, y = _images(64)

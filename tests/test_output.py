@@ -67,6 +67,7 @@ def test_a_failed_import_shows_what_it_wrote_and_its_error(fake_tf):
     assert proc.stderr.strip().splitlines()[-1] == "ImportError: fake TensorFlow failed to load"
 
 
+@pytest.mark.slow  # over 10 s: make test only
 def test_keras_loads_quietly(tmp_path):
     """The real TensorFlow under Keras, devices listed: nothing on stderr at all."""
     code = "import pneumonia, keras; print(keras.backend.backend())"

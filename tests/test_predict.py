@@ -241,6 +241,7 @@ def test_json_output_file_and_gradcam_overlays(trained, test_images, tmp_path, c
 TTA = {"views": 3, "seed": 7, "translate": 0.1, "rotate": 0.05, "zoom": 0.1, "contrast": 0.2}
 
 
+@pytest.mark.slow  # over 10 s: make test only
 def test_test_time_augmentation_is_the_mean_logit_over_fixed_views(trained, test_images):
     from pneumonia import augment, evaluate
     from pneumonia.params import AugmentParams
@@ -264,6 +265,7 @@ def test_test_time_augmentation_is_the_mean_logit_over_fixed_views(trained, test
     assert np.abs(tta - plain).max() > 1e-4  # the views move the logits
 
 
+@pytest.mark.slow  # over 10 s: make test only
 def test_predict_scores_an_image_on_the_views_the_evaluate_stage_recorded(trained, tmp_path, capsys):
     from pneumonia import evaluate
     from pneumonia import params as params_lib

@@ -63,6 +63,7 @@ def _train(tmp_path, name, stop_after=None, **options):
     return model, summary
 
 
+@pytest.mark.slow  # over 10 s: make test only
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     """Killed after epoch k, then rerun: the same weights, summary, curves and DVCLive summary."""
     monkeypatch.setenv("PNEUMONIA_CHECKPOINT_EVERY_S", "0")
@@ -90,6 +91,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys
         assert (tmp_path / name / "metrics.json").read_text() == (tmp_path / "uninterrupted" / "metrics.json").read_text()
 
 
+@pytest.mark.slow  # over 10 s: make test only
 def test_a_resumed_cosine_schedule_continues_the_same_curve(tmp_path, monkeypatch):
     """The schedule counts optimizer steps, which the checkpoint restores: killed mid-warmup and mid-decay."""
     monkeypatch.setenv("PNEUMONIA_CHECKPOINT_EVERY_S", "0")
@@ -354,6 +356,7 @@ def test_configure_warns_in_one_line_when_nvidia_smi_lists_gpus_the_backend_cann
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow  # over 10 s: make test only
 def test_float16_ops_print_nothing_after_configure():
     """Some CPUs (without AVX-512 FP16) make TensorFlow print a oneDNN DT_HALF notice when the first float16 op
     runs: under mixed precision, or on the float16 activation cache, long after import. configure() runs that first
