@@ -134,6 +134,7 @@ TRAINED_FIXTURES = {"trained_repo", "trained_template"}
 LONGEST_FIRST = ("test_gpu_check", "test_backends", "test_bench")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))

@@ -9,7 +9,9 @@ run ends with the uninterrupted run's weights. They are bit-identical on these C
 compiles the same program in both processes), so the comparison is exact.
 
 TensorFlow's XLA is not run on the whole network: compiling ResNet-50's whole train step takes minutes on 2
-cores. JAX's jit covers the whole network with augmentation, compiled.
+cores. JAX's jit covers the whole network with augmentation, compiled. MirroredStrategy runs phase 1 and the
+cached phase 2 (what is made under the strategy, full batches, resume in its scope); the whole network with
+augmentation under TensorFlow is the gpu-check dry run's (tests/test_gpu_check.py).
 """
 import json
 import os
@@ -26,8 +28,8 @@ ALL_PATHS = ("head", "cached", "whole")
 RUNTIMES = {
     "tensorflow-mixed-precision-xla": (("--mixed-precision", "on", "--jit-compile", "on", "--paths", "head,cached"),
                                        "tensorflow", True),
-    "tensorflow-mirrored-mixed-precision": (("--cpus", "2", "--distribute", "mirrored", "--mixed-precision", "on"),
-                                            "tensorflow", False),
+    "tensorflow-mirrored-mixed-precision": (("--cpus", "2", "--distribute", "mirrored", "--mixed-precision", "on",
+                                             "--paths", "head,cached"), "tensorflow", False),
     "jax-jit": (("--without-tensorflow",), "jax", True),
 }
 
