@@ -84,6 +84,16 @@ class Repo:
         path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def load_script(path: Path):
+    """A script that is not a package module (bench/*.py), imported for its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_repo(tmp: Path, source: Path, extra: dict | None = None) -> Repo:
     path = tmp / "project"
     keep = (ROOT / ".dvc", ROOT / ".dvc" / "plots")  # .dvc/plots holds plot templates, not outputs
@@ -144,7 +154,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("trained"))
 
     def rank(item):
-        if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if item.get_closest_marker("xdist_group"):  # the trained project's tests, marked above
             return 0
         name = item.module.__name__
         if name in LONGEST_FIRST:

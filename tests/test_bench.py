@@ -1,5 +1,4 @@
 """make bench at tiny settings: every field of results.json is there and sane (no timing targets asserted)."""
-import importlib.util
 import json
 import math
 import subprocess
@@ -7,6 +6,7 @@ import sys
 from pathlib import Path
 
 import synthetic
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 1
@@ -74,16 +74,9 @@ def test_bench_runs_and_writes_every_field(tmp_path):
     assert math.isclose(estimate["phase2_cache_with_views_gib"] * 2**30, (4708 * 4 + 524) * 14 * 14 * 1024 * 2, rel_tol=1e-3)
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "bench" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_fastest_run_counts_and_every_run_is_kept(monkeypatch, tmp_path):
     """--repeats 3: a and the floor run three times each, interleaved with b and k (once each); the fastest counts."""
-    bench = _bench_module()
+    bench = load_script(ROOT / "bench" / "bench.py")
     order, times = [], iter([5.0, 9.0, 7.0, 4.0, 3.0, 6.0, 8.0, 2.0])
 
     def run_worker(name, spec, work):

@@ -1,12 +1,11 @@
 """make gpu-check, dry run on CPU at tiny settings: every step runs, bounded and logged, and the results hold
 what the README's GPU section quotes. (The GPU figures themselves come only from a GPU.)"""
-import importlib.util
 import json
 import subprocess
 import sys
 
 import synthetic
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 
 def _outputs_and_params() -> dict:
@@ -87,16 +86,9 @@ def test_a_step_past_its_timeout_is_killed_and_the_run_says_so(tmp_path):
     assert "FAILED" in proc.stdout and results["total_wall_s"] < 120
 
 
-def _gpu_check_module():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    return gpu_check
-
-
 def test_further_batch_sizes_each_get_their_own_floor():
     """--batch-sizes 32,128: the whole network at 128 is a run of its own, set against the floor at 128."""
-    gpu_check = _gpu_check_module()
+    gpu_check = load_script(ROOT / "bench" / "gpu_check.py")
     assert gpu_check.parse_args(["--batch-sizes", "32,128"]).batch_sizes == [32, 128]
     stats = [{"phase": "fine_tune", "path": path, "batch_size": batch, "unfreeze_from": block, "epochs": 2,
               "train_images_per_s": speed} for path, batch, block, speed in
@@ -110,7 +102,7 @@ def test_further_batch_sizes_each_get_their_own_floor():
 
 
 def test_untagged_phase_entries_read_as_the_pipeline_whole_network_path():
-    gpu_check = _gpu_check_module()
+    gpu_check = load_script(ROOT / "bench" / "gpu_check.py")
     older = [{"phase": "fine_tune", "batch_size": 32, "epochs": 20, "train_images_per_s": 50.0,
               "mixed_precision": True, "jit_compile": True}]
     summary = gpu_check.summarize(older, {"conv1": {32: {"train_images_per_s": 200.0}}})

@@ -33,7 +33,7 @@ def test_editing_a_module_marks_exactly_the_stages_that_import_it(trained_repo):
     modules = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "pneumonia").glob("*.py"))
     assert {"pneumonia/params.py", "pneumonia/metrics.py"} <= set(modules)
     by_stages = {}
-    for module in modules:  # params.py and metrics.py first: the two the assertions below name
+    for module in modules:  # the first module of each set; params.py and metrics.py are added by name below
         by_stages.setdefault(frozenset(s for s in STAGES if module in codedeps.stage_code(s)), module)
     chosen = {"pneumonia/params.py", "pneumonia/metrics.py", *by_stages.values()}
     assert len(by_stages) >= 4  # the stage sets differ: download imports no Keras, error_analysis imports most
