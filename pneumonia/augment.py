@@ -1,4 +1,5 @@
-"""Training-time augmentation: small random translation, rotation, zoom and contrast changes.
+"""Training-time augmentation: small random translation, rotation, zoom and contrast changes, and optionally the
+changes another scanner or exposure makes (blur, gamma, brightness, noise: AcquisitionShift).
 
 No flips: the heart sits on one side of a chest X-ray. Validation and test images are never augmented.
 Two routes, chosen by what is frozen (pneumonia.train):
@@ -23,6 +24,12 @@ _SEED_SPACE = 2**31 - 1
 
 def layers(augment, seed: int) -> list:
     """The augmentation layers, in float32 (also under mixed precision), on raw 0..255 pixels."""
+    shift = AcquisitionShift(augment)
+    return geometric_layers(augment, seed) + ([shift] if shift.active else [])
+
+
+def geometric_layers(augment, seed: int) -> list:
+    """Translation, rotation, zoom and contrast: what the test-time views are drawn with (tta_views)."""
     return [
         keras.layers.RandomTranslation(augment.translate, augment.translate, fill_mode="nearest", seed=seed,
                                        dtype="float32", name="augment_translate"),
@@ -35,12 +42,68 @@ def layers(augment, seed: int) -> list:
     ]
 
 
+class AcquisitionShift:
+    """What another scanner, exposure or patient motion does to an X-ray, drawn per image: a Gaussian blur (sigma up
+    to augment.blur pixels, on half the images), a gamma curve (gamma in [1 / (1 + g), 1 + g]), an exposure shift
+    (up to augment.brightness of the pixel range) and sensor noise (standard deviation up to augment.noise of the
+    range), clipped to 0..255.
+
+    Keras's RandomGaussianBlur and RandomBrightness are not used: given one integer seed, as `transform` gives
+    each layer, RandomGaussianBlur draws its per-image blur chance and the coin it compares with from the same
+    stream, so a random chance never blurs; and neither has gamma or noise. The draws here come from one NumPy
+    generator seeded like the other layers.
+    """
+
+    def __init__(self, augment):
+        self.blur, self.gamma, self.brightness, self.noise = (
+            float(getattr(augment, name, 0.0)) for name in ("blur", "gamma", "brightness", "noise"))
+        self.active = any((self.blur, self.gamma, self.brightness, self.noise))
+
+    def get_random_transformation(self, images, training=True, seed=None):
+        rng, n = np.random.default_rng(seed), int(images.shape[0])
+        blurred = rng.random(n) < 0.5
+        log_gamma = np.log1p(self.gamma)
+        return {"sigma": np.where(blurred, rng.uniform(0, self.blur, n), 0.0),
+                "gamma": np.exp(rng.uniform(-log_gamma, log_gamma, n)),
+                "shift": rng.uniform(-self.brightness, self.brightness, n) * 255,
+                "noise": rng.standard_normal(tuple(images.shape)) * rng.uniform(0, self.noise, n)[:, None, None, None]
+                * 255}
+
+    def transform_images(self, images, transformation, training=True):
+        x = _blur(np.array(keras.ops.convert_to_numpy(images), dtype="float32"), transformation["sigma"])
+        x = 255 * (np.clip(x, 0, 255) / 255) ** transformation["gamma"][:, None, None, None]
+        x = x + transformation["shift"][:, None, None, None] + transformation["noise"]
+        return np.clip(x, 0, 255).astype("float32")
+
+
+def _blur(x: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Each image of `x` (N, H, W, C) blurred by a Gaussian of its own sigma (0: unchanged), separably, edges
+    reflected. Vectorised over the batch: keras.ops.image.gaussian_blur takes one sigma per call, and a call per
+    image cost three times the rest of augmentation."""
+    radius = int(np.ceil(2 * sigma.max()))  # two sigmas either side of the centre
+    if radius == 0:
+        return x
+    offsets = np.arange(-radius, radius + 1)
+    weights = np.exp(-0.5 * (offsets / np.maximum(sigma, 1e-6)[:, None]) ** 2)
+    weights /= weights.sum(axis=1, keepdims=True)  # (N, taps); sigma 0 leaves the centre tap alone
+    for axis in (1, 2):
+        padded = np.pad(x, [(0, 0)] + [(radius, radius) if a == axis else (0, 0) for a in (1, 2)] + [(0, 0)],
+                        mode="reflect")
+        size = x.shape[axis]
+        x = sum(weights[:, t, None, None, None] * np.take(padded, np.arange(t, t + size), axis=axis)
+                for t in range(len(offsets)))
+    return x
+
+
 def describe(augment, frozen_prefix: bool) -> str:
     """How the training images are augmented, in words (stage output and model card)."""
     if augment is None or not augment.enabled:
         return "no augmentation"
+    shift = AcquisitionShift(augment)
+    acquisition = (f"; blur sigma {shift.blur:g} px, gamma {shift.gamma:g}, brightness {shift.brightness:g}, noise "
+                   f"{shift.noise:g}" if shift.active else "")
     what = (f"augmented (translation {augment.translate:g}, rotation {augment.rotate:g} turn, zoom {augment.zoom:g}, "
-            f"contrast {augment.contrast:g}; no flips)")
+            f"contrast {augment.contrast:g}{acquisition}; no flips)")
     if frozen_prefix:
         return f"{what}: {augment.views} views cached through the frozen layers, epoch e on view e mod {augment.views}"
     return f"{what} on the fly, new every epoch"
@@ -74,6 +137,6 @@ def tta_views(record: dict, images: np.ndarray):
     """
     yield images
     if record["views"] > 1:
-        augment_layers = layers(types.SimpleNamespace(**record), record["seed"])
+        augment_layers = geometric_layers(types.SimpleNamespace(**record), record["seed"])
     for k in range(1, record["views"]):
         yield np.concatenate([transform(augment_layers, image[None], record["seed"], k, 0) for image in images])

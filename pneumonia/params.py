@@ -51,6 +51,11 @@ class AugmentParams:
     rotate: float = 0.03  # fraction of a full turn, either way
     zoom: float = 0.1  # fraction in or out
     contrast: float = 0.15  # contrast factor drawn from [1 - c, 1 + c]
+    # Acquisition shift (pneumonia.augment.AcquisitionShift), each 0 (off) by default:
+    blur: float = 0.0  # Gaussian blur, sigma up to this many pixels, on half the images
+    gamma: float = 0.0  # gamma curve, gamma drawn from [1 / (1 + g), 1 + g]
+    brightness: float = 0.0  # exposure shift, up to this fraction of the pixel range either way
+    noise: float = 0.0  # Gaussian noise, standard deviation up to this fraction of the pixel range
     # With a frozen prefix (phase 1 always, phase 2 unless it trains from conv1): K augmented views of each
     # training image are run through the prefix once and cached; epoch e trains on view e mod K.
     views: int = 4
@@ -157,6 +162,10 @@ _RULES = {
     "augment.rotate": (lambda v: 0 <= v <= 0.5, "in [0, 0.5] (a fraction of a full turn)"),
     "augment.zoom": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "augment.contrast": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "augment.blur": (lambda v: 0 <= v <= 5, "in [0, 5] pixels (0: off)"),
+    "augment.gamma": (lambda v: 0 <= v <= 1, "in [0, 1] (0: off)"),
+    "augment.brightness": (lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
+    "augment.noise": (lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
     "augment.views": (lambda v: 1 <= v <= 64, "between 1 and 64"),
     "train_head.epochs": (lambda v: v >= 0, "at least 0 (0 skips phase 1)"),
     "train_head.warmup_epochs": (lambda v: v >= 0, "at least 0"),

@@ -84,6 +84,55 @@ def test_one_epoch_on_a_cached_augmented_view_equals_plain_fit_of_the_full_model
     assert np.abs(other.get_layer("logit").get_weights()[0] - project.get_layer("logit").get_weights()[0]).max() > 1e-4
 
 
+SHIFT = AugmentParams(enabled=True, blur=1.0, gamma=0.25, brightness=0.1, noise=0.03)
+
+
+def test_acquisition_shift_is_off_by_default_and_fixed_by_seed_when_on():
+    x, _ = _images(24)
+    assert [type(layer).__name__ for layer in augment_lib.layers(ON, 0)] == [  # earlier runs' draws are unchanged
+        "RandomTranslation", "RandomRotation", "RandomZoom", "RandomContrast"]
+    shifted = augment_lib.layers(SHIFT, 0)
+    assert isinstance(shifted[-1], augment_lib.AcquisitionShift)
+    first = augment_lib.view(shifted, x, seed=5, view_index=0, chunk=12)
+    np.testing.assert_array_equal(first, augment_lib.view(augment_lib.layers(SHIFT, 0), x, 5, 0, 12))
+    plain = augment_lib.view(augment_lib.layers(ON, 0), x, 5, 0, 12)
+    assert first.dtype == np.float32 and first.min() >= 0 and first.max() <= 255
+    assert np.abs(first - plain).mean() > 1  # the shift changes what the geometric layers made
+    assert "blur sigma 1 px" in augment_lib.describe(SHIFT, frozen_prefix=False)
+
+
+def test_acquisition_shift_draws_each_part_per_image():
+    x = np.full((400, 16, 16, 1), 128.0, "float32")
+    shift = augment_lib.AcquisitionShift(AugmentParams(brightness=0.1))
+    out = shift.transform_images(x, shift.get_random_transformation(x, seed=1))
+    means = out.mean(axis=(1, 2, 3)) - 128
+    assert np.abs(means).max() <= 25.5 + 1e-3 and means.std() > 10  # up to 10% of 255, different per image
+    np.testing.assert_allclose(out.std(axis=(1, 2, 3)), 0, atol=1e-3)  # no noise, blur or gamma asked for
+
+    shift = augment_lib.AcquisitionShift(AugmentParams(noise=0.03))
+    noise = shift.transform_images(x, shift.get_random_transformation(x, seed=1)).std(axis=(1, 2, 3))
+    assert noise.max() <= 0.03 * 255 * 1.3 and noise.min() < 1 < 5 < noise.max()
+
+    shift = augment_lib.AcquisitionShift(AugmentParams(gamma=0.25))
+    ramp = np.broadcast_to(np.linspace(0, 255, 16, dtype="float32")[None, None, :, None], (400, 16, 16, 1))
+    t = shift.get_random_transformation(ramp, seed=1)
+    assert t["gamma"].min() >= 1 / 1.25 - 1e-6 and t["gamma"].max() <= 1.25 + 1e-6
+    out = shift.transform_images(ramp, t)
+    np.testing.assert_allclose(out[:, :, [0, -1]], ramp[:, :, [0, -1]], atol=1e-3)  # black and white stay
+    np.testing.assert_allclose(out[:, 0, 8, 0], 255 * (ramp[0, 0, 8, 0] / 255) ** t["gamma"], rtol=1e-5)
+
+
+def test_the_blur_is_a_gaussian_of_each_images_own_sigma():
+    x = (np.random.default_rng(0).random((3, 20, 20, 1)) * 255).astype("float32")
+    blurred = augment_lib._blur(x, np.array([0.0, 0.7, 1.0]))
+    np.testing.assert_array_equal(blurred[0], x[0])  # sigma 0: untouched
+    for i, sigma in ((1, 0.7), (2, 1.0)):
+        reference = keras.ops.convert_to_numpy(keras.ops.image.gaussian_blur(
+            x[i : i + 1], kernel_size=(5, 5), sigma=(sigma, sigma)))[0]
+        np.testing.assert_allclose(blurred[i][2:-2, 2:-2], reference[2:-2, 2:-2], atol=1e-3)  # edges differ: reflect
+    assert blurred[2].std() < blurred[1].std() < x[1].std()
+
+
 def test_epoch_e_reads_view_e_mod_k():
     views = [np.full((10, 1), v, "float32") for v in range(3)]
     batches = train.Batches(views, np.zeros(10, "int32"), 4, seed=0)

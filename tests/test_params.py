@@ -43,6 +43,8 @@ def test_dvc_exponent_style_reads_as_float(tmp_path):
         ("evaluate:\n  prevalence: true", "evaluate.prevalence"),
         ("evaluate:\n  tta: 0", "evaluate.tta"),
         ("evaluate:\n  tta: 2.5", "evaluate.tta"),
+        ("augment:\n  blur: -1", "augment.blur"),
+        ("augment:\n  noise: 1.5", "augment.noise"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, text, key):
