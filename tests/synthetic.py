@@ -35,10 +35,10 @@ def write(path: str | Path, seed: int = 0, size: int = 28, sizes: dict = SIZES, 
     return Path(path)
 
 
-def small_splits_env(env: dict | None = None) -> dict:
-    """The environment for a subprocess that runs the pipeline on a PIPELINE_SIZES file."""
+def small_splits_env(env: dict | None = None, sizes: dict = PIPELINE_SIZES) -> dict:
+    """The environment for a subprocess that runs the pipeline on a file of these split sizes."""
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).with_name("small_splits")),
                                                       env.get("PYTHONPATH", "")]))
-    env["PNEUMONIA_TEST_SPLIT_SIZES"] = ",".join(f"{k}={v}" for k, v in PIPELINE_SIZES.items())
+    env["PNEUMONIA_TEST_SPLIT_SIZES"] = ",".join(f"{k}={v}" for k, v in sizes.items())
     return env

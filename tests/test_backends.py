@@ -1,6 +1,8 @@
 """The GPU defaults, exercised on CPU: mixed precision, XLA, MirroredStrategy over two logical CPU devices, and
-JAX with jit, each through the training paths of tests/tiny_training.py (phase 1 cached, phase 2 cached from
-conv5_block1 on a float16 cache, the whole network with on-the-fly augmentation).
+JAX with jit, each through training paths of tests/tiny_training.py (phase 1 cached, phase 2 cached from
+conv5_block1 on a float16 cache, the whole network with on-the-fly augmentation). Phase 1 is the cached path
+with a Dense suffix and a float32 cache: it runs where the defaults a GPU user gets run it (mixed precision and
+XLA), and in every tiny pipeline; the other runtimes take the cached phase 2, the same code on a harder suffix.
 
 Each runtime trains in a fresh process for 2 epochs, keeping the checkpoint written after epoch 1; a second
 fresh process resumes from it, as `dvc repro` does after a kill. Checked for every path: it trained, the
@@ -9,9 +11,10 @@ run ends with the uninterrupted run's weights. They are bit-identical on these C
 compiles the same program in both processes), so the comparison is exact.
 
 TensorFlow's XLA is not run on the whole network: compiling ResNet-50's whole train step takes minutes on 2
-cores. JAX's jit covers the whole network with augmentation, compiled. MirroredStrategy runs phase 1 and the
-cached phase 2 (what is made under the strategy, full batches, resume in its scope); the whole network with
-augmentation under TensorFlow is the gpu-check dry run's (tests/test_gpu_check.py).
+cores. JAX's jit covers the whole network with augmentation, compiled. MirroredStrategy runs the cached phase 2
+(what is made under the strategy, full batches, resume in its scope); the whole network with augmentation
+under TensorFlow is the gpu-check dry run's (tests/test_gpu_check.py). Phase 1 under JAX or MirroredStrategy is
+not run here: it is the cached path's fit, which both run, on a Dense suffix.
 """
 import json
 import os
@@ -29,8 +32,8 @@ RUNTIMES = {
     "tensorflow-mixed-precision-xla": (("--mixed-precision", "on", "--jit-compile", "on", "--paths", "head,cached"),
                                        "tensorflow", True),
     "tensorflow-mirrored-mixed-precision": (("--cpus", "2", "--distribute", "mirrored", "--mixed-precision", "on",
-                                             "--paths", "head,cached"), "tensorflow", False),
-    "jax-jit": (("--without-tensorflow",), "jax", True),
+                                             "--paths", "cached"), "tensorflow", False),
+    "jax-jit": (("--without-tensorflow", "--paths", "cached,whole"), "jax", True),
 }
 
 
