@@ -13,7 +13,7 @@ compiles the same program in both processes), so the comparison is exact.
 TensorFlow's XLA is not run on the whole network: compiling ResNet-50's whole train step takes minutes on 2
 cores. JAX's jit covers the whole network with augmentation, compiled. MirroredStrategy runs the cached phase 2
 (what is made under the strategy, full batches, resume in its scope); the whole network with augmentation
-under TensorFlow is the gpu-check dry run's (tests/test_gpu_check.py). Phase 1 under JAX or MirroredStrategy is
+under TensorFlow trains in tests/test_augment.py (and resumes exactly there). Phase 1 under JAX or MirroredStrategy is
 not run here: it is the cached path's fit, which both run, on a Dense suffix.
 """
 import json

@@ -27,7 +27,7 @@ def test_gpu_check_runs_the_pipeline_every_phase_2_path_and_their_floors_and_wri
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--allow-cpu", "--data", str(npz), "--out", str(out),
          "--image-size", "32", "--head-epochs", "1", "--epochs", "1", "--batch-sizes", "32", "--extra-epochs", "1",
-         "--paths", "cached-conv5-views,whole-augmented",
+         "--paths", "cached-conv5-views",
          "--views", "2", "--floor-steps", "1", "--step-timeout", "900"],
         cwd=ROOT, capture_output=True, text=True, timeout=2400, env=synthetic.small_splits_env(sizes=SIZES),
     )
@@ -40,10 +40,11 @@ def test_gpu_check_runs_the_pipeline_every_phase_2_path_and_their_floors_and_wri
     # Every devicestats phase entry is tagged with its path; the pipeline's keep their phase and batch size.
     phases = {(p["path"], p["phase"], p["batch_size"]): p for p in results["phases"]}
     # One batch size here (each one more is a whole-network run and its floor, minutes on CPU);
-    # test_further_batch_sizes_each_get_their_own_floor covers more. Of the paths after the pipeline, the
-    # two with augmentation: cached-conv5 is cached-conv5-views without it (the trained test project's path).
+    # test_further_batch_sizes_each_get_their_own_floor covers more. Of the paths after the pipeline, the one
+    # with the other floor: cached-conv5 is it without augmentation (the trained test project's path), and
+    # whole-augmented is the pipeline's whole with augmentation on the fly (tests/test_augment.py trains it).
     assert list(phases) == [("whole", "train_head", 32), ("whole", "fine_tune", 32),
-                            ("cached-conv5-views", "fine_tune", 32), ("whole-augmented", "fine_tune", 32)]
+                            ("cached-conv5-views", "fine_tune", 32)]
     assert all(p["epochs"] == len(p["train_s_per_epoch"]) == len(p["val_s_per_epoch"]) == 1 for p in phases.values())
     for phase in phases.values():
         assert phase["train_images_per_s"] > 0 and phase["train_images"] == SIZES["train"]
@@ -52,8 +53,7 @@ def test_gpu_check_runs_the_pipeline_every_phase_2_path_and_their_floors_and_wri
     runs = [(r["path"], r["batch_size"], r["epochs"], r["unfreeze_from"], r["augment"], r["cache_dtype"])
             for r in results["paths"]]
     assert runs == [("whole", 32, 1, "conv1", "none", None),
-                    ("cached-conv5-views", 32, 1, "conv5_block1", "2 cached views", "float16"),
-                    ("whole-augmented", 32, 1, "conv1", "on the fly", None)]
+                    ("cached-conv5-views", 32, 1, "conv5_block1", "2 cached views", "float16")]
     for run in results["paths"]:
         assert run["train_images_per_s"] > 0 and run["wall_s"] > 0 and run["floor_ratio"] > 0
         phase = phases[(run["path"], "fine_tune", run["batch_size"])]  # its Throughput entry: what Keras compiled
@@ -70,7 +70,7 @@ def test_gpu_check_runs_the_pipeline_every_phase_2_path_and_their_floors_and_wri
             assert floor["train_images_per_s"] > 0 and floor["val_images_per_s"] > 0
             assert floor["mixed_precision"] is False and floor["jit_compile"] is False
     assert 0 <= results["metrics"]["roc_auc"] <= 1
-    for name in ("whole ", "cached-conv5-views", "whole-augmented"):
+    for name in ("whole ", "cached-conv5-views"):
         assert f"phase 2 {name}" in proc.stdout
     assert "phase 2 / floor" in proc.stdout
     # It ran in a copy: this project's params and outputs are as they were.
