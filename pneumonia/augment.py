@@ -50,13 +50,12 @@ class AcquisitionShift:
 
     Keras's RandomGaussianBlur and RandomBrightness are not used: given one integer seed, as `transform` gives
     each layer, RandomGaussianBlur draws its per-image blur chance and the coin it compares with from the same
-    stream, so a random chance never blurs; and neither has gamma or noise. The draws here come from one NumPy
-    generator seeded like the other layers.
+    stream, so with `factor` a single number it never blurs (Keras 3.15); and neither has gamma or noise. The
+    draws here come from one NumPy generator seeded like the other layers.
     """
 
     def __init__(self, augment):
-        self.blur, self.gamma, self.brightness, self.noise = (
-            float(getattr(augment, name, 0.0)) for name in ("blur", "gamma", "brightness", "noise"))
+        self.blur, self.gamma, self.brightness, self.noise = augment.blur, augment.gamma, augment.brightness, augment.noise
         self.active = any((self.blur, self.gamma, self.brightness, self.noise))
 
     def get_random_transformation(self, images, training=True, seed=None):
