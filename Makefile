@@ -72,7 +72,7 @@ quick: $(VENV)/.runtime
 recipe: $(VENV)/.runtime
 	$(BIN)/dvc exp run -n recipe-s$(SEED) -S seed=$(SEED) -S model.weights=none -S image_size=64 \
 		-S train_head.epochs=0 -S fine_tune.epochs=10 -S fine_tune.lr=1e-3 -S fine_tune.patience=10 \
-		-S fine_tune.keep=val_loss -S fine_tune.schedule=cosine -S augment.enabled=true $(RECIPE_ARGS)
+		-S fine_tune.keep=val_loss -S fine_tune.schedule=cosine -S augment.enabled=true -S evaluate.tta=8 $(RECIPE_ARGS)
 
 # Two workers: most of a test's time is single-threaded (process start-up, imports, tracing, DVC itself).
 test: $(VENV)/.dev
