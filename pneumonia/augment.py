@@ -55,18 +55,20 @@ class AcquisitionShift:
     """
 
     def __init__(self, augment):
-        self.blur, self.gamma, self.brightness, self.noise = augment.blur, augment.gamma, augment.brightness, augment.noise
-        self.active = any((self.blur, self.gamma, self.brightness, self.noise))
+        self.augment = augment
+        self.active = any((augment.blur, augment.gamma, augment.brightness, augment.noise))
 
     def get_random_transformation(self, images, training=True, seed=None):
-        rng, n = np.random.default_rng(seed), int(images.shape[0])
+        a, rng, n = self.augment, np.random.default_rng(seed), int(images.shape[0])
         blurred = rng.random(n) < 0.5
-        log_gamma = np.log1p(self.gamma)
-        return {"sigma": np.where(blurred, rng.uniform(0, self.blur, n), 0.0),
-                "gamma": np.exp(rng.uniform(-log_gamma, log_gamma, n)),
-                "shift": rng.uniform(-self.brightness, self.brightness, n) * 255,
-                "noise": rng.standard_normal(tuple(images.shape)) * rng.uniform(0, self.noise, n)[:, None, None, None]
-                * 255}
+        log_gamma = np.log1p(a.gamma)
+        transformation = {"sigma": np.where(blurred, rng.uniform(0, a.blur, n), 0.0),
+                          "gamma": np.exp(rng.uniform(-log_gamma, log_gamma, n)),
+                          "shift": rng.uniform(-a.brightness, a.brightness, n) * 255, "noise": 0.0}
+        if a.noise:  # the last draws (in the order the round-2 runs made them): skipped when off, nothing else moves
+            unit = rng.standard_normal(tuple(images.shape))
+            transformation["noise"] = unit * rng.uniform(0, a.noise, n)[:, None, None, None] * 255
+        return transformation
 
     def transform_images(self, images, transformation, training=True):
         x = _blur(np.array(keras.ops.convert_to_numpy(images), dtype="float32"), transformation["sigma"])
@@ -98,9 +100,8 @@ def describe(augment, frozen_prefix: bool) -> str:
     """How the training images are augmented, in words (stage output and model card)."""
     if augment is None or not augment.enabled:
         return "no augmentation"
-    shift = AcquisitionShift(augment)
-    acquisition = (f"; blur sigma {shift.blur:g} px, gamma {shift.gamma:g}, brightness {shift.brightness:g}, noise "
-                   f"{shift.noise:g}" if shift.active else "")
+    acquisition = (f"; blur sigma {augment.blur:g} px, gamma {augment.gamma:g}, brightness {augment.brightness:g}, "
+                   f"noise {augment.noise:g}" if AcquisitionShift(augment).active else "")
     what = (f"augmented (translation {augment.translate:g}, rotation {augment.rotate:g} turn, zoom {augment.zoom:g}, "
             f"contrast {augment.contrast:g}{acquisition}; no flips)")
     if frozen_prefix:
