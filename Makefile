@@ -55,8 +55,14 @@ $(VENV)/.runtime: requirements.txt Makefile
 	$(BIN)/pip install -q --no-deps medmnist==$(MEDMNIST_VERSION)
 	@touch $@
 
+# tests/test_plots_page.py renders the plots page in Debian's chromium: installed here, where root has apt-get.
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium (apt-get) for tests/test_plots_page.py"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null || echo "apt-get install chromium failed"; \
+	fi
 	@touch $@
 
 setup: $(VENV)/.runtime

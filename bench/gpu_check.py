@@ -30,7 +30,9 @@ a run and a floor). The runs' wall_s in the results tell which.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -214,7 +216,7 @@ def trained(record: Path) -> dict:
             "cache_dtype": ft["params"]["compute"]["cache_dtype"] if cached else None}
 
 
-def machine(python: str, env: dict) -> dict:
+def machine() -> dict:
     info = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
     if shutil.which("nvidia-smi"):
         try:
@@ -223,10 +225,10 @@ def machine(python: str, env: dict) -> dict:
             info["gpus"] = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
         except subprocess.TimeoutExpired:
             info["gpus"] = ["nvidia-smi timed out"]
-    proc = subprocess.run([python, "-c", "import keras, dvc, dvclive; print(keras.__version__, dvc.__version__, "
-                           "dvclive.__version__)"], capture_output=True, text=True, env=env, timeout=300)
-    if proc.returncode == 0:
-        info["keras"], info["dvc"], info["dvclive"] = proc.stdout.split()
+    # The stages' interpreter is this one (interpreter() wraps sys.executable): its package records, no import.
+    for package in ("keras", "dvc", "dvclive"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            info[package] = importlib.metadata.version(package)
     return info
 
 
@@ -302,7 +304,7 @@ def orchestrate(args) -> int:
         env = {**os.environ, "PATH": f"{Path(python).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                "KERAS_BACKEND": backend, "DVC_NO_ANALYTICS": "1", "PNEUMONIA_DEVICE_STATS": str(stats_file),
                "XDG_CACHE_HOME": str(work / "cache")}
-        results["backend"], results["machine"] = backend, machine(python, env)
+        results["backend"], results["machine"] = backend, machine()
         if not args.allow_cpu and not results["machine"].get("gpus"):
             raise StepFailed("no GPU visible (nvidia-smi lists none); --allow-cpu runs the check on CPU anyway")
         save()

@@ -41,7 +41,8 @@ def test_views_are_fixed_by_seed_view_and_chunk_and_change_the_images():
 @pytest.mark.slow  # over 10 s: make test only
 def test_one_epoch_on_a_cached_augmented_view_equals_plain_fit_of_the_full_model_on_that_view(tmp_path):
     """The K-view route (prefix run once on view v, the suffix trained on its activations) is the same maths as
-    `fit` of the whole model, frozen prefix included, on the augmented images of view v."""
+    `fit` of the whole model, frozen prefix included, on the augmented images of view v. Without augmentation
+    fine_tune takes the same route on the images themselves: this test stands for both."""
     x, y = _images(64)
     val = _images(16, seed=1)
     runtime = train.configure(0, ComputeParams())

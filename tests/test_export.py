@@ -55,7 +55,8 @@ def _serve(path, pixels) -> dict:
 
 
 @pytest.mark.slow  # over 10 s: make test only
-def test_export_gives_the_keras_probabilities_and_predicts_calibration_and_decision(tiny, images, tmp_path, capsys):
+def test_export_gives_the_keras_probabilities_and_predicts_calibration_and_decision(tiny, images, tmp_path, capsys,
+                                                                                     monkeypatch):
     sources, pixels = images
     status, out, err = _export(tiny, tmp_path / "serving", capsys)
     assert status == 0 and out == f"export: wrote {tmp_path / 'serving'} (signature serve: uint8 pixels (N, 32, 32, 1) " \
@@ -78,6 +79,33 @@ def test_export_gives_the_keras_probabilities_and_predicts_calibration_and_decis
     np.testing.assert_allclose(served["calibrated_probability"], [float(r["probability"]) for r in rows], rtol=1e-6)
     assert [r["decision"] for r in rows] == ["pneumonia" if d else "normal" for d in served["pneumonia"]]
     assert 0 < served["pneumonia"].sum() < len(rows)  # the threshold splits them: both decisions are checked
+
+    _an_interrupted_export_keeps_the_earlier_one_and_a_rerun_replaces_it(tiny, tmp_path / "serving", capsys,
+                                                                         monkeypatch)
+
+
+def _an_interrupted_export_keeps_the_earlier_one_and_a_rerun_replaces_it(tiny, output, capsys, monkeypatch):
+    """Over `output`, an earlier export (the first test's, to spare an export)."""
+    fingerprint = (output / "fingerprint.pb").read_bytes()
+    archive_class = type(keras.export.ExportArchive())  # the backend's class: ExportArchive() returns one of those
+    real_write_out = archive_class.write_out
+
+    def interrupted(self, filepath, **kwargs):
+        real_write_out(self, filepath, **kwargs)
+        (filepath / "variables" / "variables.index").write_bytes(b"partial")
+        raise KeyboardInterrupt  # what SIGTERM becomes
+
+    monkeypatch.setattr(archive_class, "write_out", interrupted)
+    status, out, err = _export(tiny, output, capsys)
+    assert status == 130 and err == f"error: export interrupted; {output} was left as it was\n"
+    assert sorted(p.name for p in output.parent.iterdir()) == ["images.npz", "serving"]
+    assert (output / "fingerprint.pb").read_bytes() == fingerprint
+
+    monkeypatch.setattr(archive_class, "write_out", real_write_out)
+    (output / "stale").write_text("from the earlier export")
+    assert _export(tiny, output, capsys)[0] == 0
+    assert sorted(p.name for p in output.parent.iterdir()) == ["images.npz", "serving"]
+    assert not (output / "stale").exists()
 
 
 def test_bad_model_metrics_or_output_is_one_line_exit_1_and_writes_nothing(tiny, tmp_path, capsys):
@@ -107,31 +135,6 @@ def test_an_output_that_is_not_an_export_is_left_alone(tiny, tmp_path, capsys):
     assert status == 1 and err == (f"error: export: {tmp_path / 'models'} exists and is not an earlier export (no "
                                    "saved_model.pb); remove it or choose another --output\n")
     assert [p.name for p in tmp_path.iterdir()] == ["models"] and (tmp_path / "models" / "model.keras").exists()
-
-
-@pytest.mark.slow  # over 10 s: make test only
-def test_an_interrupted_export_keeps_the_earlier_one_and_a_rerun_replaces_it(tiny, tmp_path, capsys, monkeypatch):
-    output = tmp_path / "serving"
-    assert _export(tiny, output, capsys)[0] == 0
-    fingerprint = (output / "fingerprint.pb").read_bytes()
-    archive_class = type(keras.export.ExportArchive())  # the backend's class: ExportArchive() returns one of those
-    real_write_out = archive_class.write_out
-
-    def interrupted(self, filepath, **kwargs):
-        real_write_out(self, filepath, **kwargs)
-        (filepath / "variables" / "variables.index").write_bytes(b"partial")
-        raise KeyboardInterrupt  # what SIGTERM becomes
-
-    monkeypatch.setattr(archive_class, "write_out", interrupted)
-    status, out, err = _export(tiny, output, capsys)
-    assert status == 130 and err == f"error: export interrupted; {output} was left as it was\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["serving"]
-    assert (output / "fingerprint.pb").read_bytes() == fingerprint
-
-    monkeypatch.setattr(archive_class, "write_out", real_write_out)
-    (output / "stale").write_text("from the earlier export")
-    assert _export(tiny, output, capsys)[0] == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["serving"] and not (output / "stale").exists()
 
 
 def test_export_of_the_trained_pipeline_reproduces_the_evaluate_stages_test_predictions(trained_repo):

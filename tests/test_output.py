@@ -67,13 +67,12 @@ def test_a_failed_import_shows_what_it_wrote_and_its_error(fake_tf):
     assert proc.stderr.strip().splitlines()[-1] == "ImportError: fake TensorFlow failed to load"
 
 
-@pytest.mark.slow  # over 10 s: make test only
-def test_keras_loads_quietly(tmp_path):
-    """The real TensorFlow under Keras, devices listed: nothing on stderr at all."""
+def test_the_real_tensorflow_chatters_with_the_switch(tmp_path):
+    """The control for the real TensorFlow's silence, which is checked where it matters: every stage's stderr
+    (tests/test_pipeline.py) and the training runs of tests/test_backends.py hold progress lines only."""
     code = "import pneumonia, keras; print(keras.backend.backend())"
-    proc = _python(code, tmp_path, KERAS_BACKEND="tensorflow")
-    assert proc.returncode == 0 and proc.stdout == "tensorflow\n" and proc.stderr == "", proc.stderr
-    assert "absl::InitializeLog" in _python(code, tmp_path, KERAS_BACKEND="tensorflow", PNEUMONIA_TF_LOGS="1").stderr
+    loud = _python(code, tmp_path, KERAS_BACKEND="tensorflow", PNEUMONIA_TF_LOGS="1")
+    assert loud.returncode == 0 and loud.stdout == "tensorflow\n" and "absl::InitializeLog" in loud.stderr
 
 
 @pytest.mark.parametrize("total", [7, 64, 2000])
