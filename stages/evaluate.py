@@ -7,7 +7,7 @@ from pneumonia.files import (FINAL_MODEL, FINAL_RECORD, METRICS, MODEL_CARD, PLO
 
 
 def main(params):
-    net = model.load(FINAL_MODEL)
+    net = model.logits_model(model.load(FINAL_MODEL), FINAL_MODEL)  # one for both splits: traced once
     val, test = data.load_split(RESIZED_DIR, "val"), data.load_split(RESIZED_DIR, "test")
     tta = evaluate.tta_record(params)
     result = evaluate.evaluate(
