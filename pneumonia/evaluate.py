@@ -24,16 +24,13 @@ def tta_record(params) -> dict:
 
 
 def logits(model, images, batch_size: int, split: str, tta: dict | None = None) -> np.ndarray:
-    """The model's logits of `images`; with test-time augmentation (`tta`: tta_record's), their mean over its views.
-
-    `model` may be logits_model's already: the evaluate stage passes one for both splits, so Keras traces its
-    predict step once."""
+    """The model's logits of `images`; with test-time augmentation (`tta`: tta_record's), their mean over its views."""
     import keras
 
     from pneumonia import augment
-    from pneumonia.model import LOGIT, logits_model
+    from pneumonia.model import logits_model
 
-    net, tta = model if model.layers[-1].name == LOGIT else logits_model(model), tta or {"views": 1}
+    net, tta = logits_model(model), tta or {"views": 1}
     out = []
     for k, view in enumerate(augment.tta_views(tta, images)):
         what = f"predicting {split}" + (f", view {k + 1} of {tta['views']}" if tta["views"] > 1 else "")

@@ -102,6 +102,8 @@ def describe_trainable(block: str, weights: str, train_batchnorm: bool) -> str:
 
 def logits_model(model: keras.Model, source=None) -> keras.Model:
     """Same weights, outputs the pre-sigmoid logit (for temperature scaling); `source` names the model in errors."""
+    if model.layers[-1].name == LOGIT:  # already one (the evaluate stage makes one for both splits)
+        return model
     try:
         logit = model.get_layer(LOGIT)
     except ValueError:

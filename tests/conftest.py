@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import yaml
 import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
+# pneumonia.progress's lines off a terminal: what a stage or training run may write to stderr.
+PROGRESS = re.compile(r"^  ([\w+ -]+): (\d+)/(\d+) (\w+)$")
 # Project files a user clone has; everything else (venv, outputs, caches) stays behind.
 SKIP = {".venv", ".git", "data", "models", "dvclive", "metrics", "plots", "reports", ".pytest_cache", "__pycache__",
         "tmp", "cache", "work", "node_modules"}

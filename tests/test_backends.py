@@ -18,7 +18,6 @@ not run here: it is the cached path's fit, which both run, on a Dense suffix.
 """
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import PROGRESS
+
 SCRIPT = Path(__file__).with_name("tiny_training.py")
-PROGRESS = re.compile(r"^  [\w+ -]+: \d+/\d+ \w+$")  # pneumonia.progress's lines off a terminal
 ALL_PATHS = ("head", "cached", "whole")
 
 RUNTIMES = {

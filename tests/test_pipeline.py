@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 import synthetic
-from conftest import ROOT
+from conftest import PROGRESS, ROOT
 
 METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc", "loss",
                "tp", "fp", "tn", "fn", "threshold"}
@@ -22,7 +22,6 @@ METRIC_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc"
 # TensorFlow's C++ start-up chatter, which stages must not print (pneumonia/__init__.py).
 CHATTER = ("absl::InitializeLog", "oneDNN custom operations", "cudart_stub", "cuInit")
 SIZES = synthetic.PIPELINE_SIZES  # the split sizes of the tiny projects' data
-PROGRESS = re.compile(r"^  ([\w+ -]+): (\d+)/(\d+) (\w+)$")  # pneumonia.progress's lines off a terminal
 
 
 def _ran(output: str) -> set[str]:
