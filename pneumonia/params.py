@@ -74,6 +74,9 @@ class TrainHeadParams:
     schedule: Schedule = "constant"  # cosine: decay from the lr to 0 over the epochs after warmup
     warmup_epochs: int = 0  # cosine only: rise linearly from 0 to the lr over these first epochs
     keep: Keep = "val_auc"
+    # Weight averaging: validate, keep and save the exponential moving average of the weights (Keras's
+    # use_ema) with this momentum per step; 0: off, the raw weights.
+    ema: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class FineTuneParams:
     schedule: Schedule = "constant"
     warmup_epochs: int = 0
     keep: Keep = "val_auc"
+    ema: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,8 @@ _RULES = {
     "fine_tune.unfreeze_from": (lambda v: v == "auto" or v in RESNET50_BLOCKS,
                                 "auto or a ResNet-50 block name: " + ", ".join(RESNET50_BLOCKS)),
     "fine_tune.patience": (lambda v: v >= 1, "at least 1"),
+    "train_head.ema": (lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
+    "fine_tune.ema": (lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
     "evaluate.threshold.target_sensitivity": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "evaluate.threshold.value": (lambda v: 0 < v < 1, "in (0, 1)"),
     "evaluate.prevalence": (lambda v: v == "validation" or 0 < v < 1,

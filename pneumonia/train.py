@@ -317,6 +317,18 @@ class KeepBest(keras.callbacks.EarlyStopping):
                 "best_epoch": int(self.best_epoch)}
 
 
+class EMAWeights(keras.callbacks.SwapEMAWeights):
+    """Keras's swap of the optimizer's moving average into the model for validation and at every epoch end, so
+    KeepBest and Checkpoint see (and keep) the averaged weights; the raw ones are swapped back to train.
+
+    A checkpoint is written at an epoch end, with the average in the model: a resumed run starts swapped.
+    """
+
+    def __init__(self, resumed: bool):
+        super().__init__(swap_on_epoch=True)
+        self._ema_weights_in_model = resumed
+
+
 def _latest_checkpoint(folder: Path) -> Path | None:
     done = sorted(Path(folder).glob("epoch-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
     return done[-1] if done else None
@@ -467,12 +479,12 @@ def learning_rate(lr: float, schedule: str, warmup_epochs: int, epochs: int, ste
 
 def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size, runtime: Runtime, live_dir,
         backup_dir: Path | None = None, schedule: str = "constant", warmup_epochs: int = 0,
-        keep: str = "val_auc", augment=None) -> dict:
+        keep: str = "val_auc", ema: float = 0.0, augment=None) -> dict:
     """Train `trainable` on (inputs, labels) pairs; keep the epoch chosen by `keep` (see KeepBest).
 
     The training inputs may be a list of K augmented views (see Batches). With `augment` (AugmentParams), the
     training images are augmented on the fly as batches are made (see Batches); `trainable` must then take raw
-    pixels.
+    pixels. With `ema` (a momentum per step, 0: off), the moving average of the weights is validated and kept.
 
     With `backup_dir`, checkpoints are written there (see Checkpoint) and a rerun after a crash resumes from the
     latest one, giving the same weights, curves and summary as a run that was never interrupted; the folder is
@@ -483,7 +495,8 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
     batches = Batches(*train, batch_size, seed=batch_seed, augment=on_the_fly, drop_remainder=True)
     with runtime.scope():
         trainable.compile(
-            optimizer=keras.optimizers.Adam(learning_rate(lr, schedule, warmup_epochs, epochs, len(batches))),
+            optimizer=keras.optimizers.Adam(learning_rate(lr, schedule, warmup_epochs, epochs, len(batches)),
+                                            use_ema=ema > 0, ema_momentum=ema or 0.99),
             loss=keras.losses.BinaryCrossentropy(),
             metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
             jit_compile=runtime.jit_compile,
@@ -503,8 +516,10 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
         live_metrics = LiveMetrics(live, history)
         for logs in history:  # the curves of the epochs before an interruption
             live_metrics.log(logs)
-        # In this order at each epoch end: EarlyStopping's state and the logs are final before a checkpoint.
-        callbacks = [early, live_metrics, *([checkpoint] if checkpoint else [])]
+        # In this order at each epoch end: the average swapped in, then EarlyStopping's state and the logs are
+        # final before a checkpoint.
+        callbacks = [*([EMAWeights(resumed=start > 0)] if ema else []), early, live_metrics,
+                     *([checkpoint] if checkpoint else [])]
         throughput = Throughput() if devicestats.enabled() else None  # make gpu-check only
         callbacks += [throughput] if throughput else []
         trainable.fit(

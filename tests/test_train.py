@@ -107,6 +107,27 @@ def test_a_resumed_cosine_schedule_continues_the_same_curve(tmp_path, monkeypatc
         assert _curves(tmp_path / f"killed-{k}") == _curves(tmp_path / "uninterrupted")
 
 
+@pytest.mark.slow  # over 10 s: make test only
+def test_weight_averaging_keeps_the_validated_average_and_resumes_exactly(tmp_path, monkeypatch):
+    """With ema the kept weights are the moving average that was validated (not the raw weights), early stopping
+    included, and a run killed after a checkpoint (written with the average swapped in) resumes to the same."""
+    monkeypatch.setenv("PNEUMONIA_CHECKPOINT_EVERY_S", "0")
+    raw, raw_summary = _train(tmp_path, "raw")
+    model, summary = _train(tmp_path, "ema", ema=0.9)
+    assert summary != raw_summary  # the average is what was validated and kept
+    kept = json.loads((tmp_path / "ema" / "metrics.json").read_text())["eval"]
+    val_x, val_y = _data(1, 48)
+    logs = model.evaluate(val_x, val_y, batch_size=16, verbose=0, return_dict=True)
+    assert logs["loss"] == pytest.approx(kept["loss"], rel=1e-5) and logs["auc"] == pytest.approx(kept["auc"], rel=1e-5)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, "ema-killed", stop_after=summary["best_epoch"] + 1, ema=0.9)
+    resumed_model, resumed = _train(tmp_path, "ema-killed", ema=0.9)
+    assert resumed == summary
+    for a, b in zip(resumed_model.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert _curves(tmp_path / "ema-killed") == _curves(tmp_path / "ema")
+
+
 def test_learning_rate_schedules():
     assert train.learning_rate(1e-3, "constant", 0, 10, 5) == 1e-3
     cosine = train.learning_rate(1e-3, "cosine", 0, 10, 5)
