@@ -128,15 +128,39 @@ def view(augment_layers: list, images: np.ndarray, seed: int, view_index: int, c
                            for index, start in enumerate(range(0, len(images), chunk))])
 
 
-def tta_views(record: dict, images: np.ndarray):
+def tta_views(record: dict, images: np.ndarray, chunk: int = 256):
     """The views test-time augmentation `record` (metrics.json's tta) scores `images` on, one array each.
 
-    View 0 is the images themselves; view k one transformation drawn as `transform` draws it from (seed, k), the
-    same for every image (each is transformed alone), so an image's views do not depend on what it is scored
-    with: pneumonia.predict gets the views the evaluate stage used.
+    View 0 is the images themselves; view k one transformation drawn as `transform` draws it for a single image
+    from (seed, k), then applied alike to every image, `chunk` at a time. So an image's views do not depend on what
+    it is scored with: pneumonia.predict gets the views the evaluate stage used.
     """
     yield images
     if record["views"] > 1:
         augment_layers = geometric_layers(types.SimpleNamespace(**record), record["seed"])
     for k in range(1, record["views"]):
-        yield np.concatenate([transform(augment_layers, image[None], record["seed"], k, 0) for image in images])
+        base = int(np.random.default_rng([record["seed"], k, 0]).integers(_SEED_SPACE))
+        one = keras.ops.zeros((1, *images.shape[1:]), "float32")  # the geometric draws depend on the shape only
+        drawn = [layer.get_random_transformation(one, training=True, seed=base + n) for n, layer in enumerate(augment_layers)]
+        parts = []
+        for start in range(0, len(images), chunk):
+            x = keras.ops.convert_to_tensor(images[start : start + chunk], "float32")
+            for layer, transformation in zip(augment_layers, drawn):
+                x = layer.transform_images(x, _for_batch(transformation, int(x.shape[0])), training=True)
+            parts.append(keras.ops.convert_to_numpy(x))
+        yield np.concatenate(parts)
+
+
+def _for_batch(transformation: dict, n: int) -> dict:
+    """One image's transformation (a Keras layer's get_random_transformation on a batch of 1) for a batch of n."""
+    out = {}
+    for key, value in transformation.items():
+        if key == "input_shape":
+            out[key] = (n, *value[1:])
+        elif key == "batch_size":
+            out[key] = n
+        elif hasattr(value, "shape") and len(value.shape) and value.shape[0] == 1:
+            out[key] = keras.ops.repeat(value, n, axis=0)
+        else:
+            out[key] = value
+    return out

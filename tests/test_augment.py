@@ -39,6 +39,22 @@ def test_views_are_fixed_by_seed_view_and_chunk_and_change_the_images():
 
 
 @pytest.mark.slow  # over 10 s: make test only
+def test_test_time_views_apply_one_draw_to_every_image_as_if_each_were_transformed_alone():
+    """tta_views transforms whole chunks with one drawn transformation; the reference is the definition, each
+    image transformed alone from the seeds (seed, k, 0)."""
+    x, _ = _images(7)
+    record = {"views": 3, "seed": 7, "translate": 0.1, "rotate": 0.05, "zoom": 0.1, "contrast": 0.2}
+    views = list(augment_lib.tta_views(record, x, chunk=3))  # chunks of 3, 3 and 1
+    layers = augment_lib.geometric_layers(AugmentParams(**{k: record[k] for k in ("translate", "rotate", "zoom",
+                                                                                 "contrast")}), 7)
+    assert len(views) == 3 and views[0] is x
+    for k in (1, 2):
+        alone = np.concatenate([augment_lib.transform(layers, image[None], 7, k, 0) for image in x])
+        np.testing.assert_allclose(views[k], alone, rtol=0, atol=1e-3)  # float32 pixels in 0..255
+        assert np.abs(views[k] - x).mean() > 1  # a real change
+    assert np.abs(views[1] - views[2]).mean() > 1
+
+
 def test_one_epoch_on_a_cached_augmented_view_equals_plain_fit_of_the_full_model_on_that_view(tmp_path):
     """The K-view route (prefix run once on view v, the suffix trained on its activations) is the same maths as
     `fit` of the whole model, frozen prefix included, on the augmented images of view v. Without augmentation
