@@ -9,6 +9,7 @@
 # make ensemble EXPS="seed-1 seed-2 seed-3" - mean ± std of their test metrics, their ensemble and the calibration
 #              methods compared (python -m pneumonia.report --calibration); the experiments must differ only by seed.
 #              No EXPS: every experiment of the commit. On stdout: make -s ensemble EXPS=... > report.txt keeps it
+#              EXPS may name run folders instead (results/reference/.../seed-*: params.yaml, metrics.json, predictions.csv)
 # make plots - write dvc_plots/index.html (or PLOTS_DIR=dir), a plots page that opens with no network
 # make export - models/serving (or EXPORT_DIR=dir): the trained model as a TensorFlow SavedModel taking uint8 pixels,
 #              with metrics/metrics.json's calibration and threshold built in (pneumonia/export.py)

@@ -2,6 +2,8 @@
 
     dvc exp run -n seed-1 -S seed=1      (seed-2, seed-3, ... likewise)
     python -m pneumonia.report [--calibration] [EXPERIMENT ...]
+    python -m pneumonia.report [--calibration] FOLDER ...   (runs kept as files: params.yaml, metrics.json,
+                                                              predictions.csv; e.g. results/reference/.../seed-*)
 
 With no names: every experiment of the current commit that has metrics, as `dvc exp show --json` lists
 them. The experiments must be seeds of one recipe: their params.yaml may differ in `seed` only, and no two may
@@ -23,6 +25,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -179,15 +182,38 @@ def score_ensemble(shown: list, used: list[str], calibration: bool = False) -> t
     The experiments must be seeds of one recipe (check_seeds), so they share their evaluate params too.
     """
     revs = revisions(shown)
-    check_seeds({n: revs[n][1] for n in used})
-    tables = {n: predictions_at(revs[n][0]) for n in used} if len(used) > 1 or calibration else {}
-    first = revs[used[0]][1]
+    return _score({n: revs[n][1] for n in used}, lambda n: predictions_at(revs[n][0]), used, calibration)
+
+
+def _score(params: dict[str, dict], predictions, used: list[str], calibration: bool):
+    """score_ensemble's work, from each run's params.yaml and `predictions(name)`, which reads its table."""
+    check_seeds(params)
+    tables = {n: predictions(n) for n in used} if len(used) > 1 or calibration else {}
+    first = params[used[0]]
     prevalence = (first.get("evaluate") or {}).get("prevalence", "validation")
     compared = compare_calibrations(tables, first.get("seed", 0), prevalence) if calibration else None
     if len(used) < 2:
         return None, compared
-    params = revs[used[0]][1]
-    return ensemble(tables, params["evaluate"], params["seed"]), compared
+    return ensemble(tables, first["evaluate"], first["seed"]), compared
+
+
+FOLDER_FILES = ("params.yaml", "metrics.json", "predictions.csv")
+
+
+def from_folders(folders: list[str], calibration: bool):
+    """summarize and score_ensemble for runs kept as folders of FOLDER_FILES (results/reference/.../seed-<n>/):
+    a clone has no experiments' git refs, yet reproduces their report from the committed files."""
+    import yaml
+
+    for folder in folders:
+        missing = [f for f in FOLDER_FILES if not (Path(folder) / f).is_file()]
+        if missing:
+            raise PipelineError(f"{folder} has no {', '.join(missing)}; a run's folder holds {', '.join(FOLDER_FILES)}")
+    used, stats = summarize({f: json.loads((Path(f) / "metrics.json").read_text()) for f in folders}, folders)
+    params = {f: yaml.safe_load((Path(f) / "params.yaml").read_text()) or {} for f in used}
+    combined, compared = _score(params, lambda f: pd.read_csv(Path(f) / "predictions.csv", float_precision="round_trip"),
+                                used, calibration)
+    return used, stats, combined, compared
 
 
 def format_report(used: list[str], stats: pd.DataFrame, combined: dict | None = None) -> str:
@@ -209,12 +235,16 @@ def main(argv: list[str]) -> int:
     calibration = "--calibration" in argv
     names = [a for a in argv if a != "--calibration"]
     if any(a.startswith("-") for a in names):
-        print("usage: python -m pneumonia.report [--calibration] [EXPERIMENT ...]", file=sys.stderr)
+        print("usage: python -m pneumonia.report [--calibration] [EXPERIMENT ... | FOLDER ...]", file=sys.stderr)
         return 2
     try:
-        shown = exp_show()
-        used, stats = summarize(experiments(shown), list(dict.fromkeys(names)))
-        combined, compared = score_ensemble(shown, used, calibration)
+        names = list(dict.fromkeys(names))
+        if names and all(Path(n).is_dir() for n in names):  # runs kept as folders, not experiments
+            used, stats, combined, compared = from_folders(names, calibration)
+        else:
+            shown = exp_show()
+            used, stats = summarize(experiments(shown), names)
+            combined, compared = score_ensemble(shown, used, calibration)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

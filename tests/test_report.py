@@ -136,6 +136,43 @@ def test_cli_prints_table_or_one_line_error(monkeypatch, capsys):
         "error: unknown experiment seed-4; known: failed, seed-1, seed-2, seed-3"]
 
 
+def test_runs_kept_as_folders_report_as_their_experiments_do(tmp_path, monkeypatch, capsys):
+    """results/reference keeps each run's params.yaml, metrics.json and predictions.csv: the same report, with no
+    experiment refs (a fresh clone has none)."""
+    import yaml
+
+    def table(seed):  # inside (0, 1), so the calibration methods can recover logits
+        scored = _predictions(seed)
+        return scored.assign(probability=scored["probability"].clip(0.01, 0.99),
+                             calibrated_probability=scored["calibrated_probability"].clip(0.01, 0.99))
+
+    monkeypatch.setattr(report, "exp_show", lambda: SHOWN)
+    monkeypatch.setattr(report, "predictions_at", lambda rev: table(int(rev[5])))
+    assert report.main(["--calibration", "seed-1", "seed-2", "seed-3"]) == 0
+    from_refs = capsys.readouterr().out.splitlines()
+    revs = report.revisions(SHOWN)
+    folders = []
+    for name, data in report.experiments(SHOWN).items():
+        if data is not None:
+            folder = tmp_path / name
+            folder.mkdir()
+            (folder / "params.yaml").write_text(yaml.safe_dump(revs[name][1]))
+            (folder / "metrics.json").write_text(json.dumps(data))
+            table(int(name[-1])).to_csv(folder / "predictions.csv", index=False)
+            folders.append(str(folder))
+    monkeypatch.setattr(report, "exp_show", lambda: pytest.fail("folders need no dvc exp show"))
+    assert report.main(["--calibration", *folders]) == 0
+    from_folders = capsys.readouterr().out.splitlines()
+    assert from_folders[0] == f"3 experiment(s): {', '.join(sorted(folders))}"
+    assert from_folders[1:] == from_refs[1:] and len(from_refs) > len(report.METRICS) + 5  # with calibration rows
+
+    (tmp_path / "seed-2" / "predictions.csv").unlink()
+    assert report.main(folders) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path / 'seed-2'} has no predictions.csv; a run's folder holds params.yaml, metrics.json, "
+        "predictions.csv"]
+
+
 def test_experiments_that_are_not_seeds_of_one_recipe_are_refused_in_one_line(monkeypatch, capsys):
     found = _metrics(0.9, 0.8, 0.3)
     sweep = [WORKSPACE, {**SHOWN[1], "experiments": [
