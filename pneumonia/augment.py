@@ -109,12 +109,17 @@ def describe(augment, frozen_prefix: bool) -> str:
     return f"{what} on the fly, new every epoch"
 
 
+def _base_seed(seed: int, view_index: int, chunk_index: int) -> int:
+    """The first layer's seed for chunk `chunk_index` of view `view_index`; layer n gets this + n."""
+    return int(np.random.default_rng([seed, view_index, chunk_index]).integers(_SEED_SPACE))
+
+
 def transform(augment_layers: list, images: np.ndarray, seed: int, view_index: int, chunk_index: int) -> np.ndarray:
     """Chunk `chunk_index` of augmented view `view_index`, from seeds fixed by (seed, view, chunk), as float32.
 
     On the fly, the view is the epoch and the chunk the batch."""
     x = keras.ops.convert_to_tensor(images, "float32")
-    base = int(np.random.default_rng([seed, view_index, chunk_index]).integers(_SEED_SPACE))
+    base = _base_seed(seed, view_index, chunk_index)
     for number, layer in enumerate(augment_layers):
         transformation = layer.get_random_transformation(x, training=True, seed=base + number)
         x = layer.transform_images(x, transformation, training=True)
@@ -139,7 +144,7 @@ def tta_views(record: dict, images: np.ndarray, chunk: int = 256):
     if record["views"] > 1:
         augment_layers = geometric_layers(types.SimpleNamespace(**record), record["seed"])
     for k in range(1, record["views"]):
-        base = int(np.random.default_rng([record["seed"], k, 0]).integers(_SEED_SPACE))
+        base = _base_seed(record["seed"], k, 0)
         one = keras.ops.zeros((1, *images.shape[1:]), "float32")  # the geometric draws depend on the shape only
         drawn = [layer.get_random_transformation(one, training=True, seed=base + n) for n, layer in enumerate(augment_layers)]
         parts = []
