@@ -52,7 +52,8 @@ def _schedule(lr, phase: dict) -> str:
         f"lr {lr}, cosine decay" + (f" after {phase['warmup_epochs']} warmup epochs" if phase["warmup_epochs"] else ""))
     kept = {"val_auc": "best validation AUC", "val_loss": "best validation loss", "last": "the last epoch"}[phase["keep"]]
     averaged = f", weights averaged (EMA momentum {phase['ema']})" if phase.get("ema") else ""  # older records lack it
-    return f"{rate}, {phase['epochs']} epochs at most, keeping {kept}{averaged}"
+    smoothed = f", labels smoothed by {phase['label_smoothing']}" if phase.get("label_smoothing") else ""
+    return f"{rate}, {phase['epochs']} epochs at most, keeping {kept}{averaged}{smoothed}"
 
 
 def _predictive_values(test: dict) -> list[str]:

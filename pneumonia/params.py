@@ -77,6 +77,8 @@ class TrainHeadParams:
     # Weight averaging: validate, keep and save the exponential moving average of the weights (Keras's
     # use_ema) with this momentum per step; 0: off, the raw weights.
     ema: float = 0.0
+    # Train towards 1 - s/2 and s/2 instead of 1 and 0 (Keras's BinaryCrossentropy(label_smoothing)); 0: off.
+    label_smoothing: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class FineTuneParams:
     warmup_epochs: int = 0
     keep: Keep = "val_auc"
     ema: float = 0.0
+    label_smoothing: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,8 @@ _RULES = {
     "fine_tune.patience": (lambda v: v >= 1, "at least 1"),
     "train_head.ema": (lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
     "fine_tune.ema": (lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
+    "train_head.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
+    "fine_tune.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
     "evaluate.threshold.target_sensitivity": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "evaluate.threshold.value": (lambda v: 0 < v < 1, "in (0, 1)"),
     "evaluate.prevalence": (lambda v: v == "validation" or 0 < v < 1,

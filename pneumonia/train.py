@@ -479,12 +479,14 @@ def learning_rate(lr: float, schedule: str, warmup_epochs: int, epochs: int, ste
 
 def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size, runtime: Runtime, live_dir,
         backup_dir: Path | None = None, schedule: str = "constant", warmup_epochs: int = 0,
-        keep: str = "val_auc", ema: float = 0.0, augment=None) -> dict:
+        keep: str = "val_auc", ema: float = 0.0, label_smoothing: float = 0.0, augment=None) -> dict:
     """Train `trainable` on (inputs, labels) pairs; keep the epoch chosen by `keep` (see KeepBest).
 
     The training inputs may be a list of K augmented views (see Batches). With `augment` (AugmentParams), the
     training images are augmented on the fly as batches are made (see Batches); `trainable` must then take raw
     pixels. With `ema` (a momentum per step, 0: off), the moving average of the weights is validated and kept.
+    With `label_smoothing` s, the loss (validation's too, so `keep: val_loss` ranks epochs by it) targets 1 - s/2
+    and s/2; the class weights still follow the hard labels.
 
     With `backup_dir`, checkpoints are written there (see Checkpoint) and a rerun after a crash resumes from the
     latest one, giving the same weights, curves and summary as a run that was never interrupted; the folder is
@@ -497,7 +499,7 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
         trainable.compile(
             optimizer=keras.optimizers.Adam(learning_rate(lr, schedule, warmup_epochs, epochs, len(batches)),
                                             use_ema=ema > 0, ema_momentum=ema or 0.99),
-            loss=keras.losses.BinaryCrossentropy(),
+            loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
             metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
             jit_compile=runtime.jit_compile,
         )

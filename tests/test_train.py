@@ -128,6 +128,20 @@ def test_weight_averaging_keeps_the_validated_average_and_resumes_exactly(tmp_pa
     assert _curves(tmp_path / "ema-killed") == _curves(tmp_path / "ema")
 
 
+def test_label_smoothing_is_the_loss_that_is_validated_and_kept(tmp_path):
+    """The kept epoch's validation loss is the BCE towards 1 - s/2 and s/2 of what the kept weights predict."""
+    s = 0.2
+    model, summary = _train(tmp_path, "smoothed", label_smoothing=s)
+    kept = json.loads((tmp_path / "smoothed" / "metrics.json").read_text())["eval"]
+    val_x, val_y = _data(1, 48)
+    p = np.clip(model.predict(val_x, verbose=0)[:, 0].astype("float64"), 1e-7, 1 - 1e-7)
+    target = val_y * (1 - s) + s / 2
+    smoothed = -np.mean(target * np.log(p) + (1 - target) * np.log(1 - p))
+    hard = -np.mean(val_y * np.log(p) + (1 - val_y) * np.log(1 - p))
+    assert kept["loss"] == pytest.approx(smoothed, rel=1e-4)
+    assert abs(hard - smoothed) > 1e-3  # so the check above tells the two apart
+
+
 def test_learning_rate_schedules():
     assert train.learning_rate(1e-3, "constant", 0, 10, 5) == 1e-3
     cosine = train.learning_rate(1e-3, "cosine", 0, 10, 5)
