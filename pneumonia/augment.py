@@ -126,6 +126,26 @@ def transform(augment_layers: list, images: np.ndarray, seed: int, view_index: i
     return keras.ops.convert_to_numpy(x)
 
 
+def mixup(images: np.ndarray, labels: np.ndarray, class_weight: dict, alpha: float, seed: int, epoch: int,
+          batch: int):
+    """Keras's MixUp of a training batch with a permutation of itself, from a seed fixed by (seed, epoch, batch):
+    (images, soft labels, sample weights).
+
+    Each row's class weight is mixed with its label: λ·w_i·BCE(p, y_i) + (1 - λ)·w_j·BCE(p, y_j), the weighted
+    loss of the pair, equals W·BCE(p, ỹ) with W = λ·w_i + (1 - λ)·w_j and ỹ = (λ·w_i·y_i + (1 - λ)·w_j·y_j) / W,
+    since BCE is linear in its target. `images` may be cached activations of any rank (manifold mixup at the
+    frozen prefix's output); they keep their dtype.
+    """
+    layer = keras.layers.MixUp(alpha)
+    weights = np.where(labels == 1, class_weight[1], class_weight[0]).astype("float32")
+    x = keras.ops.convert_to_tensor(images.reshape(len(images), 1, 1, -1), "float32")  # MixUp takes 4-D batches
+    transformation = layer.get_random_transformation(x, training=True, seed=_base_seed(seed, epoch, batch))
+    mixed = keras.ops.convert_to_numpy(layer.transform_images(x, transformation, training=True))
+    targets = keras.ops.convert_to_tensor(np.stack([weights * labels, weights], axis=1), "float32")
+    weighted_label, weight = keras.ops.convert_to_numpy(layer.transform_labels(targets, transformation)).T
+    return mixed.reshape(images.shape).astype(images.dtype), (weighted_label / weight).astype("float32"), weight
+
+
 def view(augment_layers: list, images: np.ndarray, seed: int, view_index: int, chunk: int) -> np.ndarray:
     """The whole augmented view `view_index` of `images`, `chunk` images at a time: what the K-view cache feeds
     the frozen prefix, chunk by chunk (a test's plain fit of the full model reads it from here)."""

@@ -53,7 +53,8 @@ def _schedule(lr, phase: dict) -> str:
     kept = {"val_auc": "best validation AUC", "val_loss": "best validation loss", "last": "the last epoch"}[phase["keep"]]
     averaged = f", weights averaged (EMA momentum {phase['ema']})" if phase.get("ema") else ""  # older records lack it
     smoothed = f", labels smoothed by {phase['label_smoothing']}" if phase.get("label_smoothing") else ""
-    return f"{rate}, {phase['epochs']} epochs at most, keeping {kept}{averaged}{smoothed}"
+    mixed = f", MixUp alpha {phase['mixup']}" if phase.get("mixup") else ""
+    return f"{rate}, {phase['epochs']} epochs at most, keeping {kept}{averaged}{smoothed}{mixed}"
 
 
 def _predictive_values(test: dict) -> list[str]:

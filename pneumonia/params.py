@@ -79,6 +79,8 @@ class TrainHeadParams:
     ema: float = 0.0
     # Train towards 1 - s/2 and s/2 instead of 1 and 0 (Keras's BinaryCrossentropy(label_smoothing)); 0: off.
     label_smoothing: float = 0.0
+    # MixUp's alpha: each training batch mixed with a permutation of itself (Keras's MixUp); 0: off.
+    mixup: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class FineTuneParams:
     keep: Keep = "val_auc"
     ema: float = 0.0
     label_smoothing: float = 0.0
+    mixup: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,8 @@ _RULES = {
     "fine_tune.ema": (lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
     "train_head.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
     "fine_tune.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
+    "train_head.mixup": (lambda v: 0 <= v <= 10, "in [0, 10] (MixUp's alpha; 0: off)"),
+    "fine_tune.mixup": (lambda v: 0 <= v <= 10, "in [0, 10] (MixUp's alpha; 0: off)"),
     "evaluate.threshold.target_sensitivity": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "evaluate.threshold.value": (lambda v: 0 < v < 1, "in (0, 1)"),
     "evaluate.prevalence": (lambda v: v == "validation" or 0 < v < 1,

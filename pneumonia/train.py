@@ -205,6 +205,8 @@ class Batches(keras.utils.PyDataset):
     With `augment` = (augmentation layers, seed), each batch is augmented here, where batches are made, from
     seeds fixed by (seed, epoch, batch): outside the compiled train step, whose XLA the augmentation layers
     would switch off (they do not support jit), and exactly the same again in a resumed run.
+    With `mixup` = (alpha, seed, class weights), each batch (after augmentation) is then mixed with a permutation
+    of itself (augment.mixup) and comes with sample weights that carry the class weights.
     With `drop_remainder` (training), every batch is full: an odd last batch would compile another program of
     the train step under XLA and update BatchNorm's statistics from a handful of images. Each epoch's order is
     new, so the images left out differ from epoch to epoch.
@@ -216,10 +218,10 @@ class Batches(keras.utils.PyDataset):
     """
 
     def __init__(self, x, y: np.ndarray, batch_size: int, seed: int | None = None, augment=None,
-                 drop_remainder: bool = False):
+                 drop_remainder: bool = False, mixup=None):
         super().__init__(workers=1, use_multiprocessing=False)
         self.views = x if isinstance(x, list) else [x]
-        self.y, self.batch_size, self.seed, self.augment = y, batch_size, seed, augment
+        self.y, self.batch_size, self.seed, self.augment, self.mixup = y, batch_size, seed, augment, mixup
         self.drop_remainder = drop_remainder and len(y) >= batch_size
         self.epoch = 0  # the epoch the next on_epoch_begin starts
         self._order = np.arange(len(y))
@@ -234,6 +236,9 @@ class Batches(keras.utils.PyDataset):
         if self.augment is not None:
             layers, seed = self.augment
             x = augment_lib.transform(layers, x, seed, epoch, index)
+        if self.mixup is not None:
+            alpha, seed, class_weight = self.mixup
+            return augment_lib.mixup(x, self.y[rows], class_weight, alpha, seed, epoch, index)
         return x, self.y[rows]
 
     def on_epoch_begin(self) -> None:  # not on_epoch_end: Keras also calls that once before training, after a peek
@@ -258,8 +263,7 @@ def _for_fit(batches: Batches):
         for i in range(len(batches)):
             yield batches[i]
 
-    x, y = batches[0]
-    signature = (tf.TensorSpec((None, *x.shape[1:]), x.dtype), tf.TensorSpec((None, *y.shape[1:]), y.dtype))
+    signature = tuple(tf.TensorSpec((None, *a.shape[1:]), a.dtype) for a in batches[0])  # (x, y) or (x, y, weights)
     options = tf.data.Options()
     options.autotune.enabled = False
     dataset = tf.data.Dataset.from_generator(epoch, output_signature=signature)
@@ -479,14 +483,16 @@ def learning_rate(lr: float, schedule: str, warmup_epochs: int, epochs: int, ste
 
 def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size, runtime: Runtime, live_dir,
         backup_dir: Path | None = None, schedule: str = "constant", warmup_epochs: int = 0,
-        keep: str = "val_auc", ema: float = 0.0, label_smoothing: float = 0.0, augment=None) -> dict:
+        keep: str = "val_auc", ema: float = 0.0, label_smoothing: float = 0.0, mixup: float = 0.0,
+        augment=None) -> dict:
     """Train `trainable` on (inputs, labels) pairs; keep the epoch chosen by `keep` (see KeepBest).
 
     The training inputs may be a list of K augmented views (see Batches). With `augment` (AugmentParams), the
     training images are augmented on the fly as batches are made (see Batches); `trainable` must then take raw
     pixels. With `ema` (a momentum per step, 0: off), the moving average of the weights is validated and kept.
     With `label_smoothing` s, the loss (validation's too, so `keep: val_loss` ranks epochs by it) targets 1 - s/2
-    and s/2; the class weights still follow the hard labels.
+    and s/2; the class weights still follow the hard labels. With `mixup` (MixUp's alpha, 0: off), training batches
+    are mixed (see Batches); validation never is.
 
     With `backup_dir`, checkpoints are written there (see Checkpoint) and a rerun after a crash resumes from the
     latest one, giving the same weights, curves and summary as a run that was never interrupted; the folder is
@@ -494,7 +500,10 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
     """
     batch_seed = int(np.random.randint(2**31))
     on_the_fly = (augment_lib.layers(augment, 0), int(np.random.randint(2**31))) if augment is not None else None
-    batches = Batches(*train, batch_size, seed=batch_seed, augment=on_the_fly, drop_remainder=True)
+    weights = class_weights(train[1])
+    # Drawn only when on, so runs without mixup keep their random draws.
+    mixing = (mixup, int(np.random.randint(2**31)), weights) if mixup else None
+    batches = Batches(*train, batch_size, seed=batch_seed, augment=on_the_fly, drop_remainder=True, mixup=mixing)
     with runtime.scope():
         trainable.compile(
             optimizer=keras.optimizers.Adam(learning_rate(lr, schedule, warmup_epochs, epochs, len(batches)),
@@ -512,8 +521,8 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
         print(f"  resuming an interrupted run after epoch {start} from {backup_dir}", flush=True)
     # What Keras really compiled: it drops XLA for a layer without jit support or under op determinism.
     print(f"  training {len(trainable.trainable_weights)} weight tensors for up to {epochs} epochs on "
-          f"{len(train[1])} images ({len(val[1])} for validation), XLA {'on' if trainable.jit_compile else 'off'}",
-          flush=True)
+          f"{len(train[1])} images ({len(val[1])} for validation), XLA {'on' if trainable.jit_compile else 'off'}"
+          + (f", batches mixed by MixUp (alpha {mixup:g})" if mixup else ""), flush=True)
     with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         live_metrics = LiveMetrics(live, history)
         for logs in history:  # the curves of the epochs before an interruption
@@ -526,8 +535,8 @@ def fit(trainable: keras.Model, train, val, *, lr, epochs, patience, batch_size,
         callbacks += [throughput] if throughput else []
         trainable.fit(
             _for_fit(batches), validation_data=_for_fit(Batches(*val, batch_size)),
-            class_weight=class_weights(train[1]), shuffle=False, epochs=epochs, initial_epoch=start,
-            verbose=2, callbacks=callbacks,  # Batches orders itself
+            class_weight=None if mixup else weights,  # mixup's batches carry their own sample weights
+            shuffle=False, epochs=epochs, initial_epoch=start, verbose=2, callbacks=callbacks,  # Batches orders itself
         )
         kept_epoch = early.kept_epoch(len(history))
         kept = history[kept_epoch]

@@ -23,7 +23,7 @@ def main(params):
         lr=params.fine_tune.lr, epochs=params.fine_tune.epochs,
         patience=params.fine_tune.patience, schedule=params.fine_tune.schedule,
         warmup_epochs=params.fine_tune.warmup_epochs, keep=params.fine_tune.keep, ema=params.fine_tune.ema,
-        label_smoothing=params.fine_tune.label_smoothing,
+        label_smoothing=params.fine_tune.label_smoothing, mixup=params.fine_tune.mixup,
         batch_size=params.batch_size,
         runtime=runtime,
         live_dir="dvclive/fine_tune",

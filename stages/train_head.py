@@ -19,7 +19,7 @@ def main(params):
     summary = train.train_head(
         net, train_split, val_split, lr=params.lr, epochs=phase.epochs, patience=phase.patience,
         schedule=phase.schedule, warmup_epochs=phase.warmup_epochs, keep=phase.keep, ema=phase.ema,
-        label_smoothing=phase.label_smoothing,
+        label_smoothing=phase.label_smoothing, mixup=phase.mixup,
         batch_size=params.batch_size, augment=params.augment if params.augment.enabled else None,
         runtime=runtime, live_dir="dvclive/train_head",
         backup_dir=train.resume_dir("train_head", params.listed(), RESIZED_DIR, runtime=runtime),

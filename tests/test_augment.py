@@ -218,3 +218,31 @@ def test_on_the_fly_augmentation_resumes_exactly_and_never_touches_validation(tm
 
     plain, _ = _fit_small(tmp_path, "plain", None)
     assert not all(np.array_equal(a, b) for a, b in zip(plain.get_weights(), net.get_weights()))
+
+
+def test_mixup_mixes_each_image_with_one_other_and_carries_the_class_weights():
+    """Each row is λ·x_i + (1 - λ)·x_j for one j and one λ in [0, 1], and its label and weight are the ones
+    that make W·BCE(p, ỹ) the pair's class-weighted loss: W = λ·w_i + (1 - λ)·w_j, W·ỹ = λ·w_i·y_i + (1 - λ)·w_j·y_j."""
+    n = 16
+    index = np.arange(n, dtype="float32")
+    x = np.stack([index, index**2], axis=1).reshape(n, 1, 2)  # j recovered from two features, any rank mixed
+    y = (np.arange(n) % 3 == 0).astype("int32")
+    weights = {0: 0.7, 1: 1.9}
+    mixed, soft, w = augment_lib.mixup(x, y, weights, alpha=0.4, seed=3, epoch=2, batch=5)
+    assert mixed.shape == x.shape and mixed.dtype == x.dtype and soft.shape == w.shape == (n,)
+    wy = np.where(y == 1, weights[1], weights[0])
+    partners = 0
+    for i in range(n):
+        found = []
+        for j in range(n):
+            lam = 1.0 if i == j else (mixed[i, 0, 0] - j) / (i - j)
+            if -1e-4 <= lam <= 1 + 1e-4 and abs(lam * i**2 + (1 - lam) * j**2 - mixed[i, 0, 1]) < 1e-2 * max(1, i, j) ** 2:
+                found.append((j, lam))
+        j, lam = min(found, key=lambda f: abs(f[1] * i**2 + (1 - f[1]) * f[0] ** 2 - mixed[i, 0, 1]))
+        partners += j != i and 0.01 < lam < 0.99
+        assert w[i] == pytest.approx(lam * wy[i] + (1 - lam) * wy[j], abs=1e-3)
+        assert w[i] * soft[i] == pytest.approx(lam * wy[i] * y[i] + (1 - lam) * wy[j] * y[j], abs=1e-3)
+    assert partners >= 4  # really mixed, not only near-copies
+    again = augment_lib.mixup(x, y, weights, alpha=0.4, seed=3, epoch=2, batch=5)
+    np.testing.assert_array_equal(again[0], mixed)  # fixed by (seed, epoch, batch), so a resumed run draws the same
+    assert not np.array_equal(augment_lib.mixup(x, y, weights, alpha=0.4, seed=3, epoch=3, batch=5)[0], mixed)

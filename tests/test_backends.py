@@ -2,7 +2,8 @@
 JAX with jit, each through training paths of tests/tiny_training.py (phase 1 cached, phase 2 cached from
 conv5_block1 on a float16 cache, the whole network with on-the-fly augmentation). Phase 1 is the cached path
 with a Dense suffix and a float32 cache: it runs where the defaults a GPU user gets run it (mixed precision and
-XLA), and in every tiny pipeline; the other runtimes take the cached phase 2, the same code on a harder suffix.
+XLA), and in every tiny pipeline; the other runtimes take the cached phase 2, the same code on a harder suffix. The
+mixed-precision XLA runtime runs once more with MixUp, whose batches carry sample weights and mix the float16 cache.
 
 Each runtime trains in a fresh process for 2 epochs, keeping the checkpoint written after epoch 1; a second
 fresh process resumes from it, as `dvc repro` does after a kill. Checked for every path: it trained, the
@@ -35,6 +36,9 @@ RUNTIMES = {
                                        "tensorflow", True),
     "tensorflow-mirrored-mixed-precision": (("--cpus", "2", "--distribute", "mirrored", "--mixed-precision", "on",
                                              "--paths", "cached"), "tensorflow", False),
+    # MixUp's batches carry sample weights and mix the float16 cache: under the GPU defaults too.
+    "tensorflow-mixed-precision-xla-mixup": (("--mixed-precision", "on", "--jit-compile", "on", "--paths", "head,cached",
+                                             "--mixup", "0.2"), "tensorflow", True),
     "jax-jit": (("--without-tensorflow", "--paths", "cached,whole"), "jax", True),
 }
 
@@ -78,6 +82,8 @@ def test_each_path_trains_saves_float32_and_resumes_exactly(tmp_path, name):
         assert result["saved_logits_dtype"] == "float32" and result["saved_policies"] == ["float32"], (path, result)
     # What was compiled, as each path's training line states it (Keras drops XLA silently for a layer without it).
     assert first["stdout"].count("XLA on" if jit else "XLA off") == len(paths), first["stdout"]
+    if "--mixup" in args:
+        assert first["stdout"].count("batches mixed by MixUp (alpha 0.2)") == len(paths), first["stdout"]
     assert resumed["stdout"].count("resuming an interrupted run after epoch 1") == len(paths), resumed["stdout"]
     assert "discarding" not in resumed["stdout"]
     assert first["weights"].keys() == resumed["weights"].keys()

@@ -128,6 +128,25 @@ def test_weight_averaging_keeps_the_validated_average_and_resumes_exactly(tmp_pa
     assert _curves(tmp_path / "ema-killed") == _curves(tmp_path / "ema")
 
 
+@pytest.mark.slow  # over 10 s: make test only
+def test_mixup_trains_on_mixed_batches_validates_on_plain_ones_and_resumes_exactly(tmp_path, monkeypatch):
+    monkeypatch.setenv("PNEUMONIA_CHECKPOINT_EVERY_S", "0")
+    _train(tmp_path, "plain")
+    model, summary = _train(tmp_path, "mixup", mixup=0.4)
+    assert _curves(tmp_path / "mixup")["plots/metrics/train/loss.tsv"] != _curves(tmp_path / "plain")["plots/metrics/train/loss.tsv"]
+    kept = json.loads((tmp_path / "mixup" / "metrics.json").read_text())["eval"]
+    val_x, val_y = _data(1, 48)
+    logs = model.evaluate(val_x, val_y, batch_size=16, verbose=0, return_dict=True)
+    assert logs["loss"] == pytest.approx(kept["loss"], rel=1e-5)  # validation is never mixed
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, "mixup-killed", stop_after=2, mixup=0.4)
+    resumed_model, resumed = _train(tmp_path, "mixup-killed", mixup=0.4)
+    assert resumed == summary
+    for a, b in zip(resumed_model.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert _curves(tmp_path / "mixup-killed") == _curves(tmp_path / "mixup")
+
+
 def test_label_smoothing_is_the_loss_that_is_validated_and_kept(tmp_path):
     """The kept epoch's validation loss is the BCE towards 1 - s/2 and s/2 of what the kept weights predict."""
     s = 0.2

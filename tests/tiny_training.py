@@ -2,7 +2,7 @@
 
     python tests/tiny_training.py [--cpus N] [--distribute none|mirrored] [--mixed-precision on|off]
         [--jit-compile auto|on|off] [--paths head,cached,whole] [--snapshot DIR | --resume DIR]
-        [--without-tensorflow]
+        [--without-tensorflow] [--mixup ALPHA]
 
 Paths: `head` is phase 1 on cached pooled features; `cached` is phase 2 from conv5_block1 on a float16 cache
 of the frozen prefix (the ImageNet default); `whole` is phase 2 of the whole network with on-the-fly
@@ -48,6 +48,7 @@ def main():
     parser.add_argument("--snapshot", type=Path)
     parser.add_argument("--resume", type=Path)
     parser.add_argument("--without-tensorflow", action="store_true", help="run as if TensorFlow were not installed")
+    parser.add_argument("--mixup", type=float, default=0.0, help="MixUp's alpha for every path (0: off)")
     args = parser.parse_args()
 
     if args.without_tensorflow:
@@ -102,7 +103,7 @@ def main():
             shutil.copytree(args.resume / path, backup)
         keep = KeepEpochOne(backup, args.snapshot / path if args.snapshot else None)
         fit = dict(lr=1e-3, epochs=EPOCHS, patience=EPOCHS, batch_size=BATCH, runtime=runtime, keep="last",
-                   live_dir=f"live/{path}", backup_dir=backup)
+                   live_dir=f"live/{path}", backup_dir=backup, mixup=args.mixup)
         original_fit = keras.Model.fit
         keras.Model.fit = lambda self, *a, **kw: original_fit(self, *a, **{**kw, "callbacks": [*kw["callbacks"], keep]})
         try:
