@@ -112,8 +112,9 @@ def compare_calibrations(tables: dict[str, pd.DataFrame], seed: int, prevalence=
     rows = []
     for table in tables.values():
         val, test = table[table["split"] == "val"], table[table["split"] == "test"]
-        # The raw probability is the sigmoid of the float64 logit: logit() gives it back (to ~1e-12).
-        val_logits, test_logits = logit(val["probability"].to_numpy()), logit(test["probability"].to_numpy())
+        # The raw probability is the sigmoid of the float64 logit: logit() gives it back (to ~1e-12), except past
+        # about ±36.7, where the probability is 1 (or 0) to float64 precision; clipped, those logits read as ±34.5.
+        val_logits, test_logits = (logit(np.clip(rows["probability"].to_numpy(), 1e-15, 1 - 1e-15)) for rows in (val, test))
         y_val, y_test = val["label"].to_numpy(), test["label"].to_numpy()
         for method in metrics.CALIBRATIONS:
             scale, offset = metrics.fit_calibration(method, y_val, val_logits)

@@ -290,6 +290,16 @@ def test_calibration_methods_are_compared_refitted_on_validation_only(monkeypatc
     assert [line.split()[0] for line in out.splitlines()[-3:]] == list(metrics.CALIBRATIONS)
 
 
+def test_calibration_comparison_reads_a_probability_of_exactly_one_as_a_large_logit():
+    """A logit past ~36.7 is written as probability 1.0 (float64): compared as the largest logit a CSV keeps."""
+    table = _logit_predictions(1)
+    table.loc[[0, 1], "probability"] = [1.0, 0.0]  # validation rows
+    near = table.assign(probability=table["probability"].clip(1e-15, 1 - 1e-15))
+    pd.testing.assert_frame_equal(report.compare_calibrations({"seed-1": table}, seed=1),
+                                  report.compare_calibrations({"seed-1": near}, seed=1))
+    assert np.isfinite(report.compare_calibrations({"seed-1": table}, seed=1).to_numpy()).all()
+
+
 def test_calibration_comparison_uses_the_experiments_stated_prevalence(monkeypatch):
     stated = _rev("seed-1", _metrics(0.9, 0.8, 0.3))
     stated["revs"][0]["data"]["params"]["params.yaml"]["data"]["evaluate"] = EVALUATE | {"prevalence": 0.5}
