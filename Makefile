@@ -41,7 +41,7 @@ GPU_WHEELS_SKIP ?= numpy scipy
 # The README's `dvc exp show` command ($$ is how make writes $).
 EXP_SHOW := dvc exp show --no-pager --only-changed --drop '.*/|Created|test|val\.|calibration' --keep 'test\.(roc_auc|recall|specificity|f1)$$'
 
-.PHONY: run quick recipe test test-fast exps ensemble plots export bench gpu-check gpu-wheels setup clean-venv
+.PHONY: run quick recipe test test-tools test-fast exps ensemble plots export bench gpu-check gpu-wheels setup clean-venv
 
 $(VENV)/.runtime: requirements.txt Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed (set PYTHON=python3.x)")'
@@ -82,8 +82,12 @@ recipe: $(VENV)/.runtime
 		-S fine_tune.keep=val_loss -S fine_tune.schedule=cosine -S augment.enabled=true -S evaluate.tta=8 $(RECIPE_ARGS)
 
 # Two workers: most of a test's time is single-threaded (process start-up, imports, tracing, DVC itself).
+# The whole runs of the benchmark tools (make bench, make gpu-check) are make test-tools; CI runs both.
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15 -m "not tools"
+
+test-tools: $(VENV)/.dev
+	$(BIN)/python -m pytest -n 2 --durations=5 -m tools
 
 test-fast: $(VENV)/.dev
 	$(BIN)/python -m pytest -n 2 -m "not slow"

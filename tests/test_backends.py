@@ -3,7 +3,7 @@ JAX with jit, each through training paths of tests/tiny_training.py (phase 1 cac
 conv5_block1 on a float16 cache, the whole network with on-the-fly augmentation). Phase 1 is the cached path
 with a Dense suffix and a float32 cache: it runs where the defaults a GPU user gets run it (mixed precision and
 XLA), and in every tiny pipeline; the other runtimes take the cached phase 2, the same code on a harder suffix. The
-mixed-precision XLA runtime runs once more with MixUp, whose batches carry sample weights and mix the float16 cache.
+MirroredStrategy runtime trains with MixUp, whose batches carry sample weights and mix the float16 cache.
 
 Each runtime trains in a fresh process for 2 epochs, keeping the checkpoint written after epoch 1; a second
 fresh process resumes from it, as `dvc repro` does after a kill. Checked for every path: it trained, the
@@ -34,11 +34,10 @@ ALL_PATHS = ("head", "cached", "whole")
 RUNTIMES = {
     "tensorflow-mixed-precision-xla": (("--mixed-precision", "on", "--jit-compile", "on", "--paths", "head,cached"),
                                        "tensorflow", True),
-    "tensorflow-mirrored-mixed-precision": (("--cpus", "2", "--distribute", "mirrored", "--mixed-precision", "on",
-                                             "--paths", "cached"), "tensorflow", False),
-    # MixUp's batches carry sample weights and mix the float16 cache: under the GPU defaults too.
-    "tensorflow-mixed-precision-xla-mixup": (("--mixed-precision", "on", "--jit-compile", "on", "--paths", "head,cached",
-                                             "--mixup", "0.2"), "tensorflow", True),
+    # With MixUp: its batches carry sample weights (through the strategy's distributed input) and mix the float16
+    # cache under mixed precision.
+    "tensorflow-mirrored-mixed-precision-mixup": (("--cpus", "2", "--distribute", "mirrored", "--mixed-precision", "on",
+                                                   "--paths", "cached", "--mixup", "0.2"), "tensorflow", False),
     "jax-jit": (("--without-tensorflow", "--paths", "cached,whole"), "jax", True),
 }
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import synthetic
 from conftest import load_script
 
@@ -16,6 +18,7 @@ def _positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.tools  # a whole benchmark-tool run: make test-tools (CI runs it after make test)
 def test_bench_runs_and_writes_every_field(tmp_path):
     npz = synthetic.write(tmp_path / "synthetic.npz")
     out = tmp_path / "results.json"
@@ -91,6 +94,7 @@ def test_the_fastest_run_counts_and_every_run_is_kept(monkeypatch, tmp_path):
     assert phase["b"]["runs_s"] == [9.0] and phase["k"]["runs_s"] == [7.0]
 
 
+@pytest.mark.tools  # a whole benchmark-tool run: make test-tools (CI runs it after make test)
 def test_full_data_mode_measures_each_real_stage_and_keeps_the_timing_results(tmp_path):
     npz = synthetic.write(tmp_path / "synthetic.npz", sizes=synthetic.PIPELINE_SIZES)  # "all" the images of this file
     out = tmp_path / "results.json"

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import synthetic
 from conftest import ROOT, load_script
 
@@ -20,6 +22,7 @@ def _outputs_and_params() -> dict:
 SIZES = {"train": 96, "val": 64, "test": 64}
 
 
+@pytest.mark.tools  # a whole benchmark-tool run: make test-tools (CI runs it after make test)
 def test_gpu_check_runs_the_pipeline_every_phase_2_path_and_their_floors_and_writes_its_results(tmp_path):
     npz = synthetic.write(tmp_path / "pneumoniamnist.npz", sizes=SIZES)
     out = tmp_path / "results_gpu.json"
