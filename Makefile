@@ -3,7 +3,8 @@
 #              experiment quick-look (QUICK_ARGS="-S ..." to add params)
 # make recipe SEED=11 - the CPU reference recipe (from scratch, 64 px, augmented; results/reference/README.md) as
 #              the experiment recipe-s<SEED>, 20-30 minutes on 2 cores (RECIPE_ARGS="-S data.source=..." offline)
-# make test  - set up .venv with test deps, then run the tests
+# make test  - set up .venv with test deps, then run the tests (all but the benchmark tools' whole runs)
+# make test-tools - those whole runs at tiny settings: make bench's timing and --full-data modes, the gpu-check dry run
 # make test-fast - the unit tests only, for the edit loop (no DVC pipeline runs, no training processes)
 # make exps  - the experiments table, fitted to the terminal: name, changed params, test AUC, sensitivity, specificity, F1
 # make ensemble EXPS="seed-1 seed-2 seed-3" - mean ± std of their test metrics, their ensemble and the calibration
