@@ -114,7 +114,7 @@ def compare_calibrations(tables: dict[str, pd.DataFrame], seed: int, prevalence=
         val, test = table[table["split"] == "val"], table[table["split"] == "test"]
         # The raw probability is the sigmoid of the float64 logit: logit() gives it back (to ~1e-12), except past
         # about ±36.7, where the probability is 1 (or 0) to float64 precision; clipped, those logits read as ±34.5.
-        val_logits, test_logits = (logit(np.clip(rows["probability"].to_numpy(), 1e-15, 1 - 1e-15)) for rows in (val, test))
+        val_logits, test_logits = (logit(np.clip(split["probability"].to_numpy(), 1e-15, 1 - 1e-15)) for split in (val, test))
         y_val, y_test = val["label"].to_numpy(), test["label"].to_numpy()
         for method in metrics.CALIBRATIONS:
             scale, offset = metrics.fit_calibration(method, y_val, val_logits)
