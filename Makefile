@@ -2,7 +2,7 @@
 # make quick - set up .venv, then a quick look on a CPU: the whole pipeline at 64 px with 3 + 3 epochs, as the
 #              experiment quick-look (QUICK_ARGS="-S ..." to add params)
 # make recipe SEED=11 - the CPU reference recipe (from scratch, 64 px, augmented; results/reference/README.md) as
-#              the experiment recipe-s<SEED>, 20-30 minutes on 2 cores (RECIPE_ARGS="-S data.source=..." offline)
+#              the experiment recipe-s<SEED>, 50-70 minutes on 2 cores (RECIPE_ARGS="-S data.source=..." offline)
 # make test  - set up .venv with test deps, then run the tests (all but the benchmark tools' whole runs)
 # make test-tools - those whole runs at tiny settings: make bench's timing and --full-data modes, the gpu-check dry run
 # make test-fast - the unit tests only, for the edit loop (no DVC pipeline runs, no training processes)
@@ -79,7 +79,7 @@ quick: $(VENV)/.runtime
 # The CPU reference recipe, chosen on validation (results/reference/README.md).
 recipe: $(VENV)/.runtime
 	$(BIN)/dvc exp run -n recipe-s$(SEED) -S seed=$(SEED) -S model.weights=none -S image_size=64 \
-		-S train_head.epochs=0 -S fine_tune.epochs=10 -S fine_tune.lr=1e-3 -S fine_tune.patience=10 \
+		-S train_head.epochs=0 -S fine_tune.epochs=20 -S fine_tune.lr=1e-3 -S fine_tune.patience=20 \
 		-S fine_tune.keep=val_loss -S fine_tune.schedule=cosine -S augment.enabled=true -S evaluate.tta=8 $(RECIPE_ARGS)
 
 # Two workers: most of a test's time is single-threaded (process start-up, imports, tracing, DVC itself).
