@@ -95,15 +95,15 @@ def ensemble(tables: dict[str, pd.DataFrame], evaluate_params: dict, seed: int) 
     result |= metrics.predictive_values(result)
     if evaluate_params["bootstrap"]["samples"]:
         # The members' calibrations stay as fitted (the mean is the score); the threshold is re-chosen per replicate.
-        scores = logit(mean)  # calibrate() with none gives the mean back (to an ulp)
+        scores = logit(mean)  # calibrate() with none gives the mean back (to an ulp), and 1.0 for a mean of 1.0 (inf)
         result |= metrics.bootstrap_ci((labels[val], scores[val]), (labels[test], scores[test]),
                                        evaluate_params["bootstrap"]["samples"], seed, **rule)
     return result
 
 
-def compare_calibrations(tables: dict[str, pd.DataFrame], seed: int, prevalence="validation") -> pd.DataFrame:
-    """Method -> mean over experiments of its CV NLL on validation and its test NLL, ECE and Brier score; each
-    fit moved to `prevalence` (evaluate.prevalence) as evaluate moves it."""
+def compare_calibrations(tables: dict[str, pd.DataFrame], prevalence="validation") -> pd.DataFrame:
+    """Method -> mean over experiments of its CV NLL on validation (the folds evaluate uses, seeded 0) and its
+    test NLL, ECE and Brier score; each fit moved to `prevalence` (evaluate.prevalence) as evaluate moves it."""
     from scipy.special import logit
     from sklearn import metrics as skm
 
@@ -120,7 +120,7 @@ def compare_calibrations(tables: dict[str, pd.DataFrame], seed: int, prevalence=
             scale, offset = metrics.fit_calibration(method, y_val, val_logits)
             probs = metrics.calibrate(test_logits, scale, offset + metrics.prevalence_shift(prevalence, y_val))
             rows.append({"method": method,
-                         "cv_nll_val": metrics.cross_validated_nll(method, y_val, val_logits, seed=seed),
+                         "cv_nll_val": metrics.cross_validated_nll(method, y_val, val_logits),
                          "nll_test": skm.log_loss(y_test, np.clip(probs, 1e-12, 1 - 1e-12), labels=[0, 1]),
                          "ece_test": metrics.expected_calibration_error(y_test, probs),
                          "brier_test": skm.brier_score_loss(y_test, probs)})
@@ -192,7 +192,7 @@ def _score(params: dict[str, dict], predictions, used: list[str], calibration: b
     tables = {n: predictions(n) for n in used} if len(used) > 1 or calibration else {}
     first = params[used[0]]
     prevalence = (first.get("evaluate") or {}).get("prevalence", "validation")
-    compared = compare_calibrations(tables, first.get("seed", 0), prevalence) if calibration else None
+    compared = compare_calibrations(tables, prevalence) if calibration else None
     if len(used) < 2:
         return None, compared
     return ensemble(tables, first["evaluate"], first["seed"]), compared

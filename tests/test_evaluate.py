@@ -80,6 +80,9 @@ def test_evaluate_calibrates_for_the_stated_prevalence_and_predict_applies_the_s
     assert cal["prevalence"] == 0.2 and cal["scale"] == scale
     assert cal["prevalence_shift"] == pytest.approx(np.log(0.2 / 0.8) - np.log(share / (1 - share)), abs=1e-12)
     assert cal["offset"] == fitted + cal["prevalence_shift"]
+    # The CV folds are seeded 0, not by the run's seed (42 here), so runs of different seeds share them.
+    assert cal["cv_nll"] == {m: round(metrics.cross_validated_nll(m, labels["val"], logits["val"], 5, 0), 4)
+                             for m in metrics.CALIBRATIONS}
     assert json.loads((tmp_path / "metrics.json").read_text()) == result
     # predictions.csv holds the probabilities for 20%; predict reads back the scale and offset that give them.
     threshold, p_scale, p_offset = predict.read_operating_point(tmp_path / "metrics.json")

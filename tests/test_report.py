@@ -115,6 +115,18 @@ def test_ensemble_scores_the_mean_probability_like_a_single_run():
         report.ensemble(tables | {"seed-4": other}, EVALUATE, seed=1)
 
 
+def test_ensemble_bootstrap_reads_a_mean_probability_of_exactly_one_as_the_top_score():
+    """Members sure of an image (calibrated probability 1.0 in float64) give a mean of 1.0, whose logit is inf: the
+    bootstrap reads it as the top score, as it would the largest finite one, and its intervals stay finite."""
+    tables = {f"seed-{i}": _predictions(i) for i in (1, 2, 3)}
+    sure = {n: t.assign(calibrated_probability=t["calibrated_probability"].where(t["label"] == 0, 1.0)) for n, t in tables.items()}
+    near = {n: t.assign(calibrated_probability=t["calibrated_probability"].clip(upper=1 - 1e-15)) for n, t in sure.items()}
+    result, clipped = report.ensemble(sure, EVALUATE, seed=1), report.ensemble(near, EVALUATE, seed=1)
+    assert result["threshold"] == 1.0  # every positive is sure here: chosen at the top score, which differs
+    assert {k: v for k, v in result.items() if k != "threshold"} == {k: v for k, v in clipped.items() if k != "threshold"}
+    assert all(np.isfinite(result[f"{m}_ci"]).all() for m in metrics.CI_METRICS)
+
+
 def test_cli_prints_table_or_one_line_error(monkeypatch, capsys):
     monkeypatch.setattr(report, "exp_show", lambda: SHOWN)
     monkeypatch.setattr(report, "predictions_at", lambda rev: _predictions(int(rev[5])))
@@ -256,14 +268,14 @@ def test_calibration_methods_are_compared_refitted_on_validation_only(monkeypatc
     from scipy.special import expit, logit
 
     tables = {f"seed-{i}": _logit_predictions(i) for i in (1, 2)}
-    compared = report.compare_calibrations(tables, seed=1)
+    compared = report.compare_calibrations(tables)
     assert list(compared.index) == list(metrics.CALIBRATIONS)
     expected = []
     for table in tables.values():
         val, test = table[table["split"] == "val"], table[table["split"] == "test"]
         scale, offset = metrics.fit_calibration("platt", val["label"], logit(val["probability"]))  # validation only
         probs = expit(scale * logit(test["probability"].to_numpy()) + offset)
-        expected.append((metrics.cross_validated_nll("platt", val["label"].to_numpy(), logit(val["probability"]), seed=1),
+        expected.append((metrics.cross_validated_nll("platt", val["label"].to_numpy(), logit(val["probability"]), 5, 0),
                          metrics.expected_calibration_error(test["label"], probs), skm.brier_score_loss(test["label"], probs)))
     np.testing.assert_allclose(compared.loc["platt", ["cv_nll_val", "ece_test", "brier_test"]], np.mean(expected, axis=0))
     raw_ece = np.mean([metrics.expected_calibration_error(t[t["split"] == "test"]["label"], t[t["split"] == "test"]["probability"])
@@ -271,7 +283,7 @@ def test_calibration_methods_are_compared_refitted_on_validation_only(monkeypatc
     assert compared.loc["none", "ece_test"] == pytest.approx(raw_ece)
     assert compared.loc["temperature", "cv_nll_val"] < compared.loc["none", "cv_nll_val"]  # over-confident: T helps
     # At a stated prevalence each fit is moved as evaluate moves it; the validation comparison does not change.
-    at_half = report.compare_calibrations(tables, seed=1, prevalence=0.5)
+    at_half = report.compare_calibrations(tables, prevalence=0.5)
     shifted = []
     for table in tables.values():
         val, test = table[table["split"] == "val"], table[table["split"] == "test"]
@@ -295,9 +307,9 @@ def test_calibration_comparison_reads_a_probability_of_exactly_one_as_a_large_lo
     table = _logit_predictions(1)
     table.loc[[0, 1], "probability"] = [1.0, 0.0]  # validation rows
     near = table.assign(probability=table["probability"].clip(1e-15, 1 - 1e-15))
-    pd.testing.assert_frame_equal(report.compare_calibrations({"seed-1": table}, seed=1),
-                                  report.compare_calibrations({"seed-1": near}, seed=1))
-    assert np.isfinite(report.compare_calibrations({"seed-1": table}, seed=1).to_numpy()).all()
+    pd.testing.assert_frame_equal(report.compare_calibrations({"seed-1": table}),
+                                  report.compare_calibrations({"seed-1": near}))
+    assert np.isfinite(report.compare_calibrations({"seed-1": table}).to_numpy()).all()
 
 
 def test_calibration_comparison_uses_the_experiments_stated_prevalence(monkeypatch):
@@ -305,5 +317,18 @@ def test_calibration_comparison_uses_the_experiments_stated_prevalence(monkeypat
     stated["revs"][0]["data"]["params"]["params.yaml"]["data"]["evaluate"] = EVALUATE | {"prevalence": 0.5}
     monkeypatch.setattr(report, "predictions_at", lambda rev: _logit_predictions(int(rev[5])))
     _, compared = report.score_ensemble([WORKSPACE, {**SHOWN[1], "experiments": [stated]}], ["seed-1"], calibration=True)
-    expected = report.compare_calibrations({"seed-1": _logit_predictions(1)}, seed=1, prevalence=0.5)
+    expected = report.compare_calibrations({"seed-1": _logit_predictions(1)}, prevalence=0.5)
     pd.testing.assert_frame_equal(compared, expected)
+
+
+@pytest.mark.parametrize("report_file", ["report.txt", "report-with-check.txt"])
+def test_the_shipped_recipes_committed_reports_are_what_the_report_prints_from_their_folders(report_file, monkeypatch, capsys):
+    """The README's numbers for the shipped recipe come from these files: a clone recomputes them exactly."""
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)  # the first line names the folders from the repository root
+    committed = (ROOT / "results/reference/scratch-64px-recipe/long-schedule" / report_file).read_text()
+    folders = committed.splitlines()[0].split(": ", 1)[1].split(", ")
+    assert len(folders) == (4 if "check" in report_file else 3) and all((ROOT / f / "predictions.csv").is_file() for f in folders)
+    assert report.main(["--calibration", *folders]) == 0
+    assert capsys.readouterr().out == committed
